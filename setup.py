@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="peft_umema",
+    version="0.1.0",
+    description="PEFT plugin: LoRA + Uncertainty Modeling + External Memory Augmentation (UMEMA)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["peft_umema", "peft_umema.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.2",
+        "transformers>=5.0,<6",
+        "peft>=0.21.2,<0.22",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "datasets>=3.0",
+        "seqeval>=1.2",
+        "torchmetrics>=1.4",
+        "matplotlib>=3.7",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # the offline demo backbones/data are installed with --no-deps from requirements-offline.txt
+        "demo": ["gguf>=0.10"],
+        "test": ["pytest>=8", "gguf>=0.10"],
+    },
+    entry_points={"console_scripts": ["peft-umema=peft_umema.cli:main"]},
+)
