@@ -1,0 +1,126 @@
+"""Configuration of a UMEMA adapter: LoRA plus Uncertainty Modeling (UM) and External Memory Augmentation (EMA)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from peft import LoraConfig
+from peft.utils import PeftType
+
+SUPPORTED_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS")
+CONTEXT_POOLING_OPTIONS = ("auto", "mean", "last")
+
+
+@dataclass
+class UMEMAConfig(LoraConfig):
+    """
+    Configuration of a [`UMEMAModel`]: every LoRA option plus the UM and EMA modules of Ma et al. (PLOS ONE 2026),
+    section 3. Defaults marked "paper" are fixed by the paper; the others are our reading (see `docs/method.md`).
+
+    Example:
+        ```py
+        >>> import peft_umema
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base, peft_umema.UMEMAConfig(task_type="TOKEN_CLS", r=8))
+        ```
+    """
+
+    use_um: bool = field(default=True, metadata={"help": "Enable Uncertainty Modeling (paper 3.1)."})
+    use_ema: bool = field(default=True, metadata={"help": "Enable External Memory Augmentation (paper 3.2)."})
+
+    # --- Uncertainty Modeling -------------------------------------------------------------------------------------
+    guidance_dim: Optional[int] = field(
+        default=None, metadata={"help": "Size g of the guidance space fusing K_d, K_t, K_s, K_p. None = hidden size."}
+    )
+    num_tasks: int = field(default=1, metadata={"help": "Number of task ids for the learnable task embedding K_t."})
+    quantization_levels: int = field(
+        default=16, metadata={"help": "Q: levels of the quantized (stabilized) token confidence q_i."}
+    )
+    propagation_layers: int = field(
+        default=4, metadata={"help": "P: propagate token uncertainty through the last P backbone layers."}
+    )
+    propagation_rank: int = field(
+        default=16, metadata={"help": "Projection size of the token-affinity maps used for propagation."}
+    )
+    uncertainty_memory_dim: int = field(
+        default=64, metadata={"help": "Size of the compact uncertainty memory M_U = MLP([mu_U, s_U, E])."}
+    )
+    min_temperature: float = field(
+        default=0.5, metadata={"help": "T_min of the calibration temperature T = T_min + softplus(...)."}
+    )
+    confidence_loss_weight: float = field(
+        default=0.1,
+        metadata={"help": "lambda_c: weight of the confidence term BCE(confidence, prediction is correct) in the loss."},
+    )
+
+    # --- External Memory Augmentation ------------------------------------------------------------------------------
+    memory_size: int = field(default=256, metadata={"help": "J: number of key-value slots of the memory bank (paper)."})
+    retrieval_temperature: float = field(
+        default=1.0, metadata={"help": "tau_0: base retrieval temperature; tau = tau_0 * (1 + beta * uncertainty)."}
+    )
+    gate_bias_init: float = field(
+        default=-2.0,
+        metadata={"help": "Initial bias of the fusion gate; negative = memory starts as a small supplement."},
+    )
+    context_pooling: Literal["auto", "mean", "last"] = field(
+        default="auto",
+        metadata={
+            "help": "Contextual summary c for the memory query: 'mean' (masked mean, encoders), 'last' (last "
+            "non-pad token, causal LMs) or 'auto' (pick by architecture)."
+        },
+    )
+
+    # --- Where the modules attach (auto-detected for HF models) -----------------------------------------------------
+    head_module_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "Name of the classification head module. None = auto ('score' or 'classifier')."},
+    )
+    layers_module_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "Dotted name of the ModuleList of transformer blocks. None = auto-detect."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PeftType.UMEMA
+        task = getattr(self.task_type, "value", self.task_type)
+        if task not in SUPPORTED_TASK_TYPES:
+            raise ValueError(
+                f"UMEMAConfig(task_type={task!r}) is not supported: UMEMA calibrates classifiers, use "
+                f"task_type='SEQ_CLS' (sequence classification) or 'TOKEN_CLS' (token classification)."
+            )
+        positive_ints = {
+            "memory_size": self.memory_size,
+            "num_tasks": self.num_tasks,
+            "propagation_rank": self.propagation_rank,
+            "uncertainty_memory_dim": self.uncertainty_memory_dim,
+        }
+        for name, value in positive_ints.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"UMEMAConfig({name}={value!r}): must be a positive integer.")
+        if not isinstance(self.propagation_layers, int) or self.propagation_layers < 0:
+            raise ValueError(
+                f"UMEMAConfig(propagation_layers={self.propagation_layers!r}): must be an integer >= 0 "
+                "(0 disables cross-layer propagation)."
+            )
+        if self.guidance_dim is not None and (not isinstance(self.guidance_dim, int) or self.guidance_dim <= 0):
+            raise ValueError(f"UMEMAConfig(guidance_dim={self.guidance_dim!r}): must be a positive integer or None.")
+        if not isinstance(self.quantization_levels, int) or self.quantization_levels < 2:
+            raise ValueError(
+                f"UMEMAConfig(quantization_levels={self.quantization_levels!r}): must be an integer >= 2."
+            )
+        if not self.min_temperature > 0 or self.min_temperature >= 1:
+            raise ValueError(
+                f"UMEMAConfig(min_temperature={self.min_temperature!r}): must be in (0, 1) so that T can start at 1."
+            )
+        if not self.retrieval_temperature > 0:
+            raise ValueError(f"UMEMAConfig(retrieval_temperature={self.retrieval_temperature!r}): must be > 0.")
+        if self.confidence_loss_weight < 0:
+            raise ValueError(f"UMEMAConfig(confidence_loss_weight={self.confidence_loss_weight!r}): must be >= 0.")
+        if self.context_pooling not in CONTEXT_POOLING_OPTIONS:
+            raise ValueError(
+                f"UMEMAConfig(context_pooling={self.context_pooling!r}): choose one of {CONTEXT_POOLING_OPTIONS}."
+            )
+        if self.use_dora:
+            raise ValueError("UMEMAConfig(use_dora=True) is not supported; use plain LoRA adapters.")

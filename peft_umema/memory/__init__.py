@@ -1,0 +1,1 @@
+"""External Memory Augmentation (EMA), paper section 3.2."""

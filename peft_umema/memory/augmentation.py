@@ -1,0 +1,74 @@
+"""EMA (paper 3.2): uncertainty-controlled retrieval from the memory bank and gated fusion into the head input."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bank import MemoryBank
+
+
+class MemoryAugmentation(nn.Module):
+    """Query from [c ; M_U], softmax retrieval sharpened or softened by uncertainty, gated fusion.
+
+    Sequence tasks replace part of the representation, h~ = g * r + (1 - g) * h; token tasks add to it,
+    h~_i = h_i + g_i * r, since one retrieval per sequence should not overwrite token-specific evidence.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        memory_size: int,
+        uncertainty_dim: int,
+        retrieval_temperature: float,
+        gate_bias_init: float,
+        token_level: bool,
+    ):
+        super().__init__()
+        self.token_level = token_level
+        self.retrieval_temperature = retrieval_temperature
+        self.scale = math.sqrt(hidden_size)
+        self.bank = MemoryBank(memory_size, hidden_size)
+        self.query_proj = nn.Linear(hidden_size + uncertainty_dim, hidden_size)
+        self.gate_hidden = nn.Linear(hidden_size, hidden_size)
+        self.gate_context = nn.Linear(hidden_size + uncertainty_dim, hidden_size, bias=False)
+        # beta >= 0 through softplus: retrieval only ever softens as uncertainty grows
+        self.uncertainty_sharpness = nn.Parameter(torch.tensor(0.0))
+        nn.init.constant_(self.gate_hidden.bias, gate_bias_init)
+
+    def query(self, summary: torch.Tensor, uncertainty_memory: Optional[torch.Tensor]) -> torch.Tensor:
+        parts = [summary] if uncertainty_memory is None else [summary, uncertainty_memory]
+        return self.query_proj(torch.cat(parts, -1))
+
+    def retrieve(self, query: torch.Tensor, uncertainty: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the read vector r [B, d] and the slot weights alpha [B, J]."""
+        tau = torch.full_like(query[:, 0], self.retrieval_temperature)
+        if uncertainty is not None:
+            tau = tau * (1 + F.softplus(self.uncertainty_sharpness) * uncertainty)
+        scores = query @ self.bank.keys.to(query.dtype).T / (self.scale * tau.unsqueeze(-1))
+        weights = torch.softmax(scores, -1)
+        return weights @ self.bank.values.to(query.dtype), weights
+
+    def fuse(
+        self, hidden: torch.Tensor, read: torch.Tensor, uncertainty_memory: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """Gate per position of `hidden` ([B, d] or [B, T, d]) from [h ; r ; M_U]."""
+        parts = [read] if uncertainty_memory is None else [read, uncertainty_memory]
+        context = self.gate_context(torch.cat(parts, -1))
+        if hidden.dim() == 3:
+            context, read = context.unsqueeze(1), read.unsqueeze(1)
+        gate = torch.sigmoid(self.gate_hidden(hidden) + context)
+        if self.token_level:
+            return hidden + gate * read
+        return gate * read + (1 - gate) * hidden
+
+    def queue_write(self, fused_summary: torch.Tensor, uncertainty_memory: Optional[torch.Tensor]) -> None:
+        """One write per training mini-batch: key in query space (so similar contexts find it), value = fused state."""
+        with torch.no_grad():
+            key = self.query(fused_summary, uncertainty_memory).mean(0)
+            value = fused_summary.mean(0)
+        self.bank.queue_write(key, value, fused_summary.shape[0])

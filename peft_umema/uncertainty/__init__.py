@@ -1,0 +1,1 @@
+"""Uncertainty Modeling (UM), paper section 3.1."""
