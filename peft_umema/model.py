@@ -107,9 +107,8 @@ class UMEMAModel(LoraModel):
             low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
         )
         modules = UMEMAModules(config, hidden_size_of(model.config))
-        if not low_cpu_mem_usage:
-            head = getattr(model, head_name)
-            modules.to(next(head.parameters()).device)
+        if not any(p.is_meta for p in modules.parameters()):  # meta under low_cpu_mem_usage: filled on load
+            modules.to(next(getattr(model, head_name).parameters()).device)
         modules.requires_grad_(not config.inference_mode)
         self.umema_modules[adapter_name] = modules
         self.__dict__["_umema_hooks"].attach(model, config, head_name)

@@ -90,8 +90,8 @@ class UncertaintyEstimator(nn.Module):
         self.hidden_norm = nn.LayerNorm(hidden_size)
         self.token_proj = nn.Linear(hidden_size, guidance_dim)
         self.guidance_to_token = nn.Linear(guidance_dim, guidance_dim, bias=False)
-        self.confidence_score = nn.Linear(guidance_dim, 1)
-        self.importance_score = nn.Linear(guidance_dim, 1)
+        self.confidence_head = nn.Linear(guidance_dim, 1)
+        self.importance_head = nn.Linear(guidance_dim, 1)
         # propagation: token affinities from the hidden states of each propagated layer
         self.affinity_query = nn.Linear(hidden_size, propagation_rank, bias=False)
         self.affinity_key = nn.Linear(hidden_size, propagation_rank, bias=False)
@@ -141,9 +141,9 @@ class UncertaintyEstimator(nn.Module):
 
         first = self.hidden_norm(token_states.to(dtype))
         features = torch.tanh(self.token_proj(first) + self.guidance_to_token(guidance).unsqueeze(1))
-        raw = torch.sigmoid(self.confidence_score(features).squeeze(-1))
+        raw = torch.sigmoid(self.confidence_head(features).squeeze(-1))
         quantized = self.quantize(raw)
-        importance = masked_softmax(self.importance_score(features).squeeze(-1), mask)
+        importance = masked_softmax(self.importance_head(features).squeeze(-1), mask)
         token_feature = importance * quantized
 
         # propagation across tokens and layers: U <- (U + A_l U) / 2 keeps U in (0, 1)
