@@ -275,20 +275,25 @@ def _check_loaded_state(model: nn.Module, config, adapter_name: str, state_dict:
             f"{missing[0].split(marker, 1)[1]!r}): it is corrupted, truncated, or was saved without "
             f"use_um={config.use_um} / use_ema={config.use_ema}. Re-save it with save_pretrained()."
         )
-    for key, tensor in state_dict.items():
-        expected = model_state.get(key)
-        if expected is None or tuple(expected.shape) == tuple(tensor.shape):
-            continue
-        saved, current = tuple(tensor.shape), tuple(expected.shape)
+    mismatches = [
+        (key, tuple(tensor.shape), tuple(model_state[key].shape))
+        for key, tensor in state_dict.items()
+        if key in model_state and tuple(model_state[key].shape) != tuple(tensor.shape)
+    ]
+    # report the quantity a user can act on first: memory size, hidden size, label count, then anything else
+    for key, saved, current in mismatches:
         if key.endswith(("bank.keys", "bank.values")):
             if saved[0] != current[0]:
                 raise ValueError(f"Memory size mismatch: the adapter's bank has {saved[0]} slots, the config "
                                  f"asks for memory_size={current[0]}. Use the adapter's own adapter_config.json.")
             raise ValueError(f"Hidden size mismatch: the adapter's memory bank has hidden size {saved[1]}, the "
                              f"base model has {current[1]}. Load the adapter onto the base model it was trained on.")
-        if ("modules_to_save" in key or key.rsplit(".", 2)[0].endswith(("score", "classifier"))) and saved[:1] != current[:1]:
+    for key, saved, current in mismatches:
+        if "modules_to_save" in key and saved[0] != current[0]:
             raise ValueError(f"Label count mismatch: the adapter's classification head has {saved[0]} labels, the "
                              f"base model has {current[0]}. Load the base model with num_labels={saved[0]}.")
+    if mismatches:
+        key, saved, current = mismatches[0]
         raise ValueError(f"Shape mismatch for {key}: the adapter has {saved}, the model has {current}. The adapter "
                          "was trained on a different base model or configuration.")
 
