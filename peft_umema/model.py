@@ -73,9 +73,9 @@ class UMEMAModel(LoraModel):
     and EMA modules and its memory bank, all saved in `adapter_model.safetensors`. Outputs carry calibrated `logits`
     plus `confidence`, `aleatoric`, `epistemic` and `temperature` per example (SEQ_CLS) or per token (TOKEN_CLS).
 
-    Memory writes are queued by training forward passes and committed after the backward pass: by
-    `MemoryUpdateCallback` after each optimizer step, by `commit_memory()`, or at the start of the next training
-    forward pass, whichever comes first. Eval-mode forward passes never touch the bank.
+    Training forward passes queue memory writes; `commit_memory()` writes them as one slot after the backward
+    pass. `MemoryUpdateCallback` (added by `UMEMATrainer`) calls it after every optimizer step; custom loops call
+    it after `optimizer.step()`. Eval-mode and no-grad forward passes never touch the bank.
     """
 
     # the memory bank lives on the tuner, not in the injected layers: transformers' bare `load_adapter` would drop it
@@ -84,6 +84,7 @@ class UMEMAModel(LoraModel):
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self.last_loss_terms: dict[str, float] = {}
+        self.training_statistics = _RunningMeans()
 
     # ------------------------------------------------------------------------------------------------------------
     # adapter life cycle
@@ -180,15 +181,12 @@ class UMEMAModel(LoraModel):
         return active[0]
 
     def commit_memory(self, adapter_name: Optional[str] = None) -> int:
-        """Write the queued mini-batch summaries into the bank (FIFO). Call after `loss.backward()` in custom loops;
-        returns the number of slots written. Under torch.distributed every rank must call it at the same step."""
+        """Write what training forward passes queued since the last commit as one FIFO slot per adapter. Call it
+        after `optimizer.step()` in custom loops; returns the number of slots written. Under torch.distributed
+        every rank must call it at the same step."""
         names = [adapter_name] if adapter_name else list(self.umema_modules)
-        written = 0
-        for name in names:
-            memory = self.umema_modules[name].memory
-            if memory is not None:
-                written += memory.bank.commit()
-        return written
+        memories = [self.umema_modules[name].memory for name in names]
+        return sum(memory.bank.commit() for memory in memories if memory is not None)
 
     def reset_memory(self, adapter_name: Optional[str] = None) -> None:
         """A fresh Xavier-initialised bank (the paper re-initialises memory when a new task starts)."""
@@ -298,6 +296,24 @@ def _check_loaded_state(model: nn.Module, config, adapter_name: str, state_dict:
                          "was trained on a different base model or configuration.")
 
 
+class _RunningMeans:
+    """Means of per-position training outputs since the last `pop()`, for the training log."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, **values: torch.Tensor) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value.float().sum())
+            self.counts[name] = self.counts.get(name, 0) + value.numel()
+
+    def pop(self) -> dict[str, float]:
+        means = {f"mean_{k}": self.sums[k] / max(self.counts[k], 1) for k in self.sums}
+        self.sums, self.counts = {}, {}
+        return means
+
+
 class _ForwardHooks:
     """Per-call plumbing between the transformers model's forward and the active adapter's UM/EMA modules.
 
@@ -367,9 +383,6 @@ class _ForwardHooks:
                 return None
             name = self.tuner._single_active_adapter()
             modules = self.tuner.umema_modules[name]
-            if module.training and torch.is_grad_enabled():
-                # the previous training step's backward pass is done: its queued write can land now
-                self.tuner.commit_memory(name)
             self._refresh_module_hooks()
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             mask = kwargs.get("attention_mask")
@@ -425,8 +438,14 @@ class _ForwardHooks:
             self._attach_outputs(call, output)
             if call["labels"] is not None and output.get("loss") is not None:
                 self._add_confidence_loss(call, output)
-            if module.training and torch.is_grad_enabled() and "fused_summary" in call:
-                call["modules"].memory.queue_write(call["fused_summary"], call.get("uncertainty_memory"))
+            if module.training and torch.is_grad_enabled():
+                if "fused_summary" in call:
+                    call["modules"].memory.queue_write(call["fused_summary"], call.get("uncertainty_memory"))
+                if "confidence" in output:
+                    valid = call["mask"] if output["confidence"].dim() == 2 else slice(None)
+                    self.tuner.training_statistics.add(
+                        confidence=output["confidence"].detach()[valid], temperature=output["temperature"].detach()[valid]
+                    )
             return output
 
         return hook

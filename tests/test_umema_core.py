@@ -33,7 +33,7 @@ def train_steps(model, task, steps, start_seed=0):
     for step in range(steps):
         out = model(**tiny_batch(task=task, seed=start_seed + step))
         out.loss.backward()
-    model.base_model.commit_memory()
+        model.base_model.commit_memory()
 
 
 @pytest.mark.parametrize("family,task", CASES)
@@ -114,13 +114,15 @@ def test_fifo_order_and_wrap_around(family, task):
     written_keys = []
     for step in range(6):
         model(**tiny_batch(task=task, seed=step)).loss.backward()
-        written_keys.append(bank._pending[-1][0].clone())
-        model.base_model.commit_memory()
+        pending = bank._pending_sum
+        written_keys.append(pending[: bank.dim] / pending[-1])
+        assert model.base_model.commit_memory() == 1
         assert int(bank.fill_count) == min(step + 1, 4)
         assert int(bank.write_pointer) == (step + 1) % 4
     # slots 0,1 hold writes 4,5 (wrapped); slots 2,3 still hold writes 2,3
     for slot, step in zip(range(4), (4, 5, 2, 3)):
-        assert torch.equal(bank.keys[slot], written_keys[step])
+        assert torch.allclose(bank.keys[slot], written_keys[step])
+    assert model.base_model.commit_memory() == 0  # nothing pending, nothing written
 
 
 @pytest.mark.parametrize("family,task", CASES)
@@ -141,14 +143,22 @@ def test_bank_unchanged_in_eval_and_without_grad(family, task):
         assert torch.equal(getattr(bank, name), value), name
 
 
-def test_one_write_per_training_batch_committed_at_next_forward():
-    model = make("gpt2", "SEQ_CLS")
-    bank = bank_of(model)
-    model.train()
-    model(**tiny_batch()).loss.backward()
-    assert bank.pending_writes == 1 and int(bank.fill_count) == 0
-    model(**tiny_batch(seed=1)).loss.backward()  # the next training forward lands the previous write first
-    assert bank.pending_writes == 1 and int(bank.fill_count) == 1
+def test_accumulated_batches_make_one_write_equal_to_the_full_batch():
+    """Micro-batches queued before one commit write the same slot as their concatenation would."""
+    split, whole = make("gpt2", "SEQ_CLS"), make("gpt2", "SEQ_CLS")
+    batch = tiny_batch(batch_size=4, seed=3)
+    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    split.train(), whole.train()
+    for module in [*split.modules(), *whole.modules()]:
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for half in halves:
+        split(**half).loss.backward()
+    whole(**batch).loss.backward()
+    assert bank_of(split).pending_writes == 2 and bank_of(split).fill_count == 0
+    assert split.base_model.commit_memory() == 1 and whole.base_model.commit_memory() == 1
+    assert torch.allclose(bank_of(split).keys, bank_of(whole).keys, atol=1e-6)
+    assert torch.allclose(bank_of(split).values, bank_of(whole).values, atol=1e-6)
 
 
 def test_memory_persists_and_new_task_gets_fresh_bank():

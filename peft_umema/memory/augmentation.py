@@ -67,8 +67,8 @@ class MemoryAugmentation(nn.Module):
         return gate * read + (1 - gate) * hidden
 
     def queue_write(self, fused_summary: torch.Tensor, uncertainty_memory: Optional[torch.Tensor]) -> None:
-        """One write per training mini-batch: key in query space (so similar contexts find it), value = fused state."""
+        """Queue this batch's write: key in query space (so similar contexts find it), value = the fused state;
+        the bank stores their mean over the mini-batch."""
         with torch.no_grad():
-            key = self.query(fused_summary, uncertainty_memory).mean(0)
-            value = fused_summary.mean(0)
-        self.bank.queue_write(key, value, fused_summary.shape[0])
+            keys = self.query(fused_summary, uncertainty_memory)
+        self.bank.queue_write(keys, fused_summary.detach())

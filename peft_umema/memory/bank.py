@@ -10,11 +10,11 @@ from torch import nn
 class MemoryBank(nn.Module):
     """J key-value slots of size d, Xavier-uniform initialised, written first-in-first-out.
 
-    Writes are queued during a training forward pass and applied by `commit()` once the backward pass has used the
-    slots (writing earlier would invalidate autograd's saved tensors). `commit()` replaces the buffers instead of
-    editing them in place, so a graph that still holds the old slots stays valid. Under `torch.distributed`, each
-    commit averages the ranks' pending writes (weighted by batch size), so every rank writes the same slot with the
-    same content and the banks stay identical.
+    Training forward passes queue their batch summaries; `commit()` turns everything queued since the last commit
+    into ONE slot write (the batch-size-weighted mean), so one optimizer step writes one slot whether its batch came
+    in one piece, in gradient-accumulation micro-batches, or split over data-parallel ranks (the ranks' sums are
+    all-reduced, so every rank writes the same slot with the same content). Commit after the backward pass: the
+    write replaces the buffers instead of editing them in place, so a graph holding the old slots stays valid.
     """
 
     def __init__(self, memory_size: int, dim: int):
@@ -25,7 +25,8 @@ class MemoryBank(nn.Module):
         self.register_buffer("values", torch.empty(memory_size, dim))
         self.register_buffer("write_pointer", torch.zeros((), dtype=torch.long))
         self.register_buffer("fill_count", torch.zeros((), dtype=torch.long))
-        self._pending: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+        self._pending_sum: torch.Tensor | None = None  # [2 * dim + 1]: key sum, value sum, item count
+        self.pending_writes = 0
         self.reset()
 
     def reset(self, generator: torch.Generator | None = None) -> None:
@@ -38,60 +39,35 @@ class MemoryBank(nn.Module):
         self.values = values.to(self.values.dtype)
         self.write_pointer = torch.zeros_like(self.write_pointer)
         self.fill_count = torch.zeros_like(self.fill_count)
-        self._pending.clear()
+        self._pending_sum, self.pending_writes = None, 0
 
-    @property
-    def pending_writes(self) -> int:
-        return len(self._pending)
+    def queue_write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add the [B, d] write keys and values of one training batch to the pending write."""
+        batch = torch.cat([keys.detach().sum(0), values.detach().sum(0), keys.new_tensor([keys.shape[0]])]).float()
+        self._pending_sum = batch if self._pending_sum is None else self._pending_sum + batch
+        self.pending_writes += 1
 
-    def queue_write(self, key: torch.Tensor, value: torch.Tensor, batch_size: int) -> None:
-        """Remember one (key, value) summary of a training mini-batch; applied by `commit()`."""
-        self._pending.append((key.detach(), value.detach(), batch_size))
-        # a caller that never commits must not grow memory without bound: only the newest J writes can survive
-        if len(self._pending) > self.memory_size:
-            del self._pending[0]
-
-    def commit(self) -> int:
-        """Apply the queued writes in order; returns how many slots were written."""
+    def commit(self) -> bool:
+        """Write the pending batch summary into the oldest slot; returns whether a slot was written."""
+        pending = self._pending_sum
+        if pending is None:
+            pending = torch.zeros(2 * self.dim + 1, device=self.keys.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            writes = self._gather_across_ranks()
-        else:
-            writes = [(k, v) for k, v, _ in self._pending]
-        self._pending.clear()
-        if not writes:
-            return 0
+            pending = pending.to(self.keys.device).clone()
+            dist.all_reduce(pending)  # every rank must commit at the same step (MemoryUpdateCallback does)
+        self._pending_sum, self.pending_writes = None, 0
+        count = float(pending[-1])
+        if count == 0:
+            return False
+        key, value = pending[: self.dim] / count, pending[self.dim : 2 * self.dim] / count
+        pointer = int(self.write_pointer)
         keys, values = self.keys.clone(), self.values.clone()
-        pointer, filled = int(self.write_pointer), int(self.fill_count)
-        for key, value in writes:
-            keys[pointer] = key.to(keys)
-            values[pointer] = value.to(values)
-            pointer = (pointer + 1) % self.memory_size
-            filled = min(filled + 1, self.memory_size)
+        keys[pointer] = key.to(keys)
+        values[pointer] = value.to(values)
         self.keys, self.values = keys, values
-        self.write_pointer = torch.full_like(self.write_pointer, pointer)
-        self.fill_count = torch.full_like(self.fill_count, filled)
-        return len(writes)
-
-    def _gather_across_ranks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Batch-size-weighted mean of the i-th pending write of every rank, so all ranks write the same slots."""
-        count = torch.tensor([len(self._pending)], device=self.keys.device)
-        counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-        dist.all_gather(counts, count)
-        if len({int(c) for c in counts}) != 1:
-            raise RuntimeError(
-                f"Ranks hold different numbers of pending memory writes ({[int(c) for c in counts]}); commit the "
-                "memory on every rank at the same step (MemoryUpdateCallback does this)."
-            )
-        if not self._pending:
-            return []
-        keys = torch.stack([k.to(self.keys) for k, _, _ in self._pending])
-        values = torch.stack([v.to(self.values) for _, v, _ in self._pending])
-        sizes = torch.tensor([n for _, _, n in self._pending], device=keys.device, dtype=keys.dtype)
-        stacked = torch.cat([keys * sizes[:, None], values * sizes[:, None], sizes[:, None]], 1)
-        dist.all_reduce(stacked)
-        total = stacked[:, -1:].clamp_min(1)
-        keys, values = stacked[:, : self.dim] / total, stacked[:, self.dim : 2 * self.dim] / total
-        return list(zip(keys, values))
+        self.write_pointer = torch.full_like(self.write_pointer, (pointer + 1) % self.memory_size)
+        self.fill_count = torch.full_like(self.fill_count, min(int(self.fill_count) + 1, self.memory_size))
+        return True
 
     def extra_repr(self) -> str:
         return f"memory_size={self.memory_size}, dim={self.dim}"
