@@ -10,7 +10,8 @@ temperature. transformers' own pooling and loss then see calibrated logits, and 
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
+import functools
 import os
 from typing import Any, Optional
 
@@ -28,6 +29,14 @@ from .uncertainty.estimator import UncertaintyEstimator, UncertaintyState, confi
 
 MODULES_ATTR = "umema_modules"
 OUTPUT_FIELDS = ("confidence", "aleatoric", "epistemic", "temperature")
+
+
+@functools.cache
+def _output_class_with_uncertainty(output_cls: type) -> type:
+    """A subclass of the model's output dataclass that declares our per-prediction fields, so DDP and other
+    pytree-based wrappers can rebuild it (they call the class with its declared fields only)."""
+    fields = [(name, Optional[torch.Tensor], dataclasses.field(default=None)) for name in OUTPUT_FIELDS]
+    return dataclasses.make_dataclass(f"UMEMA{output_cls.__name__}", fields, bases=(output_cls,))
 
 
 class UMEMAModules(nn.Module):
@@ -435,6 +444,8 @@ class _ForwardHooks:
             call, self.call = self.call, {}
             if not call or "head_done" not in call or not hasattr(output, "keys"):
                 return None
+            if "uncertainty" in call:
+                output = _output_class_with_uncertainty(type(output))(**output)
             self._attach_outputs(call, output)
             if call["labels"] is not None and output.get("loss") is not None:
                 self._add_confidence_loss(call, output)

@@ -27,7 +27,7 @@ class UMEMATrainer(Trainer):
     def __init__(self, *args, **kwargs):
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if not any(isinstance(c, MemoryUpdateCallback) for c in callbacks):
-            callbacks.append(MemoryUpdateCallback())
+            callbacks.insert(0, MemoryUpdateCallback())  # first, so other callbacks see the committed bank
         super().__init__(*args, callbacks=callbacks, **kwargs)
         if find_umema_tuner(self.model) is None:
             raise ValueError("UMEMATrainer needs a model from get_peft_model(model, UMEMAConfig(...)).")

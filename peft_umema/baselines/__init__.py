@@ -1,0 +1,1 @@
+"""Uncertainty baselines (temperature scaling, MC dropout, ensembles, SWAG, AdUE, Laplace) for PEFT LoRA classifiers."""

@@ -1,0 +1,1 @@
+"""Benchmark loaders and preprocessing (tokenization, k-shot subsets, input corruption) for UMEMA experiments."""

@@ -1,0 +1,1 @@
+"""Task and calibration metrics, and reliability diagrams, shared by training, baselines and benchmarks."""
