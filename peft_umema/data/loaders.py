@@ -515,6 +515,8 @@ def _load_class_folders(
 ) -> DatasetDict:
     """Documents laid out as ``<root>/<class>/*.txt``, labelled by folder name."""
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+    if not class_dirs:
+        raise ValueError(f"{root} holds no class folders; expected <root>/<class>/*.txt.")
     texts, labels = [], []
     for class_dir in class_dirs:
         files = sorted(class_dir.glob("*.txt"))
@@ -522,8 +524,6 @@ def _load_class_folders(
             raise ValueError(f"{class_dir} holds no .txt files; expected <root>/<class>/*.txt.")
         texts.extend(_read_document(file) for file in files)
         labels.extend(class_dir.name for _ in files)
-    if not class_dirs:
-        raise ValueError(f"{root} holds no class folders; expected <root>/<class>/*.txt.")
     names = [class_dir.name for class_dir in class_dirs]
     splits = DatasetDict({"train": _sequence_dataset(texts, labels, names)})
     return _with_carved_splits(splits, validation_fraction, test_fraction, seed)
@@ -572,13 +572,13 @@ def load_benchmark(
 def _load_local(path: Path, **options) -> DatasetDict:
     """Pick the reader from the file or folder names, as laid out in each benchmark's release."""
     if path.is_file():
-        ploner_file = _PLONER_FILE.fullmatch(path.name)
         if path.name.endswith((".tar.gz", ".tgz", ".tar")):
             return load_20newsgroups(path, **options)
         if path.name.upper() in SEMEVAL_FILES.values():
             return load_semeval2010_task8(path.parent, **options)
         if path.name in WNUT17_FILES.values():
             return load_wnut17(path.parent, **options)
+        ploner_file = _PLONER_FILE.fullmatch(path.name)
         if ploner_file is not None:
             options.setdefault("domains", ploner_file["domain"])
             return load_ploner(path.parent, **options)

@@ -12,6 +12,9 @@ from .loaders import SEQ_CLS, stratification_keys, stratified_sample, task_type_
 
 IGNORE_INDEX = -100
 CORRUPTION_MODES = ("drop", "mask")
+# What corruption never removes from a text: whitespace, and SemEval's entity markers, without which an example no
+# longer says which entity pair it is about.
+_TEXT_SEPARATORS = re.compile(r"(\s+|</?e[12]>)")
 
 
 def prepare_tokenizer(tokenizer):
@@ -150,8 +153,8 @@ def corrupt_missing(
     """Drop, or replace by ``mask_string``, a ``rate`` fraction of the words of every example.
 
     For the paper's missing-information robustness study. Sequence tasks lose whitespace-separated words of ``text``
-    (the spacing around the other words is kept); token tasks lose ``tokens`` together with their tags (``drop``) or
-    keep the tag of a masked token (``mask``). Each example has ``rate * n_words`` words hit, the fractional part
+    (the spacing around the other words, and SemEval's ``<e1>`` ``<e2>`` markers, are kept); token tasks lose
+    ``tokens`` together with their tags (``drop``) or keep the tag of a masked token (``mask``). Each example has ``rate * n_words`` words hit, the fractional part
     drawn at random so the rate holds on average over short examples too; ``drop`` leaves at least one word, since an
     empty input has nothing to classify. Draws come from a generator seeded with (seed, example index), so results
     do not depend on batching, and ``drop`` and ``mask`` hit the same words (unless ``drop`` must spare one).
@@ -165,7 +168,7 @@ def corrupt_missing(
     keep_one = mode == "drop"
 
     def corrupt_text(example, index):
-        pieces = re.split(r"(\s+)", example["text"])  # words at even positions, whitespace runs between them
+        pieces = _TEXT_SEPARATORS.split(example["text"])  # words at even positions, separators between them
         word_positions = [position for position in range(0, len(pieces), 2) if pieces[position]]
         for word in _words_to_hit(len(word_positions), rate, seed, index, keep_one):
             position = word_positions[word]
@@ -173,9 +176,9 @@ def corrupt_missing(
                 pieces[position] = mask_string
                 continue
             pieces[position] = ""
-            if position + 1 < len(pieces):
+            if position + 1 < len(pieces) and pieces[position + 1].isspace():
                 pieces[position + 1] = ""
-            elif position > 0:
+            elif position > 0 and pieces[position - 1].isspace():
                 pieces[position - 1] = ""
         return {"text": "".join(pieces)}
 

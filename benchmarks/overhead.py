@@ -1,0 +1,134 @@
+"""Train-step and inference time of UMEMA relative to plain LoRA, measured side by side in one run.
+
+    python benchmarks/overhead.py                     # SmolLM2-135M, SEQ_CLS, 8 x 128 tokens
+    python benchmarks/overhead.py --model minilm --task TOKEN_CLS
+
+Every variant (LoRA, +UM, +EMA, full UMEMA) gets its own copy of the same backbone and the same batch; the
+timings interleave the variants round by round (rotating who goes first), so machine noise hits all of them
+alike, and the ratios use medians. Prints a Markdown table of times, ratios to LoRA and trainable parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tqdm import tqdm
+
+import peft_umema
+from peft_umema.backbones import load_backbone
+
+VARIANTS = {
+    "LoRA": None,
+    "+UM": {"use_um": True, "use_ema": False},
+    "+EMA": {"use_um": False, "use_ema": True},
+    "UMEMA (full)": {"use_um": True, "use_ema": True},
+}
+
+
+def build(variant_options, args, num_labels):
+    model, _ = load_backbone(args.model, args.task, num_labels=num_labels)
+    torch.manual_seed(0)
+    common = {"task_type": args.task, "r": args.rank, "lora_alpha": 2 * args.rank}
+    config = LoraConfig(**common) if variant_options is None else peft_umema.UMEMAConfig(**common, **variant_options)
+    model = get_peft_model(model, config).to(args.device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, optimizer
+
+
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_step(model, optimizer, batch, device):
+    model.train()
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    optimizer.step()
+    if isinstance(model.base_model, peft_umema.UMEMAModel):
+        model.base_model.commit_memory()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def inference_step(model, batch, device):
+    model.eval()
+    start = time.perf_counter()
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="backbone name or path (see peft_umema.backbones)")
+    parser.add_argument("--task", default="SEQ_CLS", choices=["SEQ_CLS", "TOKEN_CLS"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--num-labels", type=int, default=13)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per variant (after one warm-up)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args()
+
+    models = {name: build(options, args, args.num_labels) for name, options in VARIANTS.items()}
+    vocab = models["LoRA"][0].get_base_model().config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(3, vocab, (args.batch_size, args.seq_len), generator=generator),
+        "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long),
+    }
+    label_shape = (args.batch_size,) if args.task == "SEQ_CLS" else (args.batch_size, args.seq_len)
+    batch["labels"] = torch.randint(0, args.num_labels, label_shape, generator=generator)
+    batch = {k: v.to(args.device) for k, v in batch.items()}
+
+    names = list(models)
+    train_times = {name: [] for name in names}
+    infer_times = {name: [] for name in names}
+    for round_index in tqdm(range(args.repeats + 1), desc="rounds (first is warm-up)"):
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
+        for name in order:
+            model, optimizer = models[name]
+            train_seconds = train_step(model, optimizer, batch, args.device)
+            infer_seconds = inference_step(model, batch, args.device)
+            if round_index > 0:
+                train_times[name].append(train_seconds)
+                infer_times[name].append(infer_seconds)
+
+    base_model_params = sum(p.numel() for p in models["LoRA"][0].get_base_model().parameters())
+    results = []
+    for name in names:
+        trainable, _ = models[name][0].get_nb_trainable_parameters()
+        train_median, infer_median = statistics.median(train_times[name]), statistics.median(infer_times[name])
+        results.append({
+            "variant": name,
+            "trainable_params": trainable,
+            "train_step_s": train_median,
+            "inference_s": infer_median,
+            "train_ratio": train_median / statistics.median(train_times["LoRA"]),
+            "inference_ratio": infer_median / statistics.median(infer_times["LoRA"]),
+        })
+
+    print(f"\nbackbone={args.model} task={args.task} batch={args.batch_size}x{args.seq_len} rank={args.rank} "
+          f"device={args.device} threads={torch.get_num_threads()} repeats={args.repeats} "
+          f"base params={base_model_params:,}")
+    print("| variant | trainable params | train step (s) | x LoRA | inference (s) | x LoRA |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['variant']} | {r['trainable_params']:,} | {r['train_step_s']:.3f} | {r['train_ratio']:.3f} | "
+              f"{r['inference_s']:.3f} | {r['inference_ratio']:.3f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
