@@ -3,6 +3,8 @@
 import os
 from pathlib import Path
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may wait on an unreachable hub
+
 import pytest
 import torch
 from transformers import (
@@ -64,7 +66,7 @@ def tiny_batch(batch_size: int = 4, seq_len: int = 10, num_labels: int = 3, task
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         raise FileNotFoundError(f"../shared/data not found at {SHARED_DATA}; set PEFT_UMEMA_SHARED_DATA")

@@ -123,10 +123,11 @@ class UncertaintyEstimator(nn.Module):
         return self.guidance_norm(fused)
 
     def quantize(self, confidence: torch.Tensor) -> torch.Tensor:
-        """Round to Q levels with a straight-through gradient, so the stabilized value still trains u."""
-        levels = self.quantization_levels - 1
-        rounded = torch.round(confidence * levels) / levels
-        return confidence + (rounded - confidence).detach()
+        """Q levels at the bin centres (k + 1/2) / Q, never exactly 0 or 1, so a saturated token keeps a usable
+        confidence and a non-zero aleatoric term; the straight-through gradient still trains u."""
+        levels = self.quantization_levels
+        centres = (torch.floor(confidence * levels).clamp(max=levels - 1) + 0.5) / levels
+        return confidence + (centres - confidence).detach()
 
     def forward(
         self,
@@ -188,22 +189,25 @@ class UncertaintyEstimator(nn.Module):
             epistemic=epistemic,
         )
 
+    def temperature_inputs(self, state: UncertaintyState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of the temperature head and the total uncertainty v, per example or per token."""
+        if not self.token_level:
+            return state.memory, state.total
+        seq_len = state.token_feature.shape[1]
+        features = torch.cat(
+            [
+                state.memory.unsqueeze(1).expand(-1, seq_len, -1),
+                state.token_feature.unsqueeze(-1),
+                state.token_confidence.unsqueeze(-1),
+            ],
+            -1,
+        )
+        return features, state.token_total
+
     def temperature(self, state: UncertaintyState) -> torch.Tensor:
         """[B] for sequence tasks, [B, T] for token tasks; grows with the total uncertainty v."""
-        gain = F.softplus(self.uncertainty_gain)
-        if not self.token_level:
-            logit = self.temperature_proj(state.memory).squeeze(-1) + gain * state.total
-        else:
-            seq_len = state.token_feature.shape[1]
-            per_token = torch.cat(
-                [
-                    state.memory.unsqueeze(1).expand(-1, seq_len, -1),
-                    state.token_feature.unsqueeze(-1),
-                    state.token_confidence.unsqueeze(-1),
-                ],
-                -1,
-            )
-            logit = self.temperature_proj(per_token).squeeze(-1) + gain * state.token_total
+        features, uncertainty = self.temperature_inputs(state)
+        logit = self.temperature_proj(features).squeeze(-1) + F.softplus(self.uncertainty_gain) * uncertainty
         return self.min_temperature + F.softplus(logit)
 
 

@@ -1,0 +1,36 @@
+"""Refitting UM's temperature on held-out data."""
+
+import pytest
+import torch
+from conftest import tiny_batch, tiny_model
+from peft import get_peft_model
+
+from peft_umema import UMEMAConfig
+from peft_umema.uncertainty.calibration import fit_uncertainty_temperature
+
+
+@pytest.mark.parametrize("family,task", [("gpt2", "SEQ_CLS"), ("bert", "TOKEN_CLS"), ("llama", "SEQ_CLS")])
+def test_refit_lowers_dev_nll_of_an_overconfident_model(family, task):
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model(family, task), UMEMAConfig(task_type=task, r=4, memory_size=8))
+    head = model.base_model.model.get_submodule("score" if family != "bert" else "classifier")
+    with torch.no_grad():
+        for p in head.parameters():
+            p.mul_(30.0)  # random labels + huge logits = badly overconfident
+    dev = [tiny_batch(task=task, seed=s, batch_size=8) for s in range(4)]
+    bank = model.base_model.umema_modules["default"].memory.bank.keys.clone()
+    model.eval()
+    before = torch.stack([model(**b).temperature.mean() for b in dev]).mean()
+    result = fit_uncertainty_temperature(model, dev)
+    after = torch.stack([model(**b).temperature.mean() for b in dev]).mean()
+    assert result["refit"] and result["dev_nll_after"] < result["dev_nll_before"]
+    assert after > before  # flatter: the fix for overconfidence
+    nll = sum(float(model(**b).loss) for b in dev) / len(dev)
+    assert nll < result["dev_nll_before"]
+    assert torch.equal(bank, model.base_model.umema_modules["default"].memory.bank.keys)
+
+
+def test_refit_needs_um():
+    model = get_peft_model(tiny_model("gpt2"), UMEMAConfig(task_type="SEQ_CLS", use_um=False))
+    with pytest.raises(ValueError, match="use_um=False"):
+        fit_uncertainty_temperature(model, [tiny_batch()])
