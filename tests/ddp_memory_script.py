@@ -6,6 +6,7 @@ import torch
 from conftest import tiny_batch, tiny_model
 from datasets import Dataset
 from peft import get_peft_model
+from safetensors.torch import save_file
 from transformers import TrainerCallback, TrainingArguments
 
 from peft_umema import UMEMAConfig
@@ -47,7 +48,8 @@ def main(output_dir):
     trainer.recorder = recorder
     trainer.train()
     rank = trainer.args.process_index
-    torch.save({"steps": recorder.steps, "first_batch": recorder.first_batch}, f"{output_dir}/rank{rank}.pt")
+    tensors = {f"step{i}.{name}": t for i, step in enumerate(recorder.steps) for name, t in step.items()}
+    save_file({**tensors, "first_batch": recorder.first_batch}, f"{output_dir}/rank{rank}.safetensors")
 
 
 if __name__ == "__main__":

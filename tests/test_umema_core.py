@@ -257,8 +257,7 @@ def test_export_lora_loads_without_plugin(tmp_path):
         expected = model(**batch).logits
     model.base_model.export_lora(str(tmp_path / "lora"))
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    torch.save(batch, tmp_path / "batch.pt")
-    torch.save(expected, tmp_path / "expected.pt")
+    save_file({**batch, "expected": expected.contiguous()}, tmp_path / "batch.safetensors")
     script = f"""
 import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
 import torch
@@ -266,8 +265,10 @@ from conftest import tiny_model
 from peft import PeftModel
 assert "peft_umema" not in sys.modules
 model = PeftModel.from_pretrained(tiny_model("llama", "TOKEN_CLS"), {str(tmp_path / "lora")!r}).eval()
-batch = torch.load({str(tmp_path / "batch.pt")!r})
-assert torch.equal(model(**batch).logits, torch.load({str(tmp_path / "expected.pt")!r}))
+from safetensors.torch import load_file
+batch = load_file({str(tmp_path / "batch.safetensors")!r})
+expected = batch.pop("expected")
+assert torch.equal(model(**batch).logits, expected)
 print("ok")
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
