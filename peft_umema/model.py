@@ -516,12 +516,13 @@ class _ForwardHooks:
         state: Optional[UncertaintyState] = call.get("uncertainty")
         if state is None:
             return
-        token_level = state.token_confidence.dim() == 2 and output["logits"].dim() == 3
-        if token_level:
+        logits = output["logits"]
+        if logits.dim() == 3:  # token task: per-token values
             values = (state.token_confidence, state.token_aleatoric, state.token_epistemic, call["temperature"])
         else:
             values = (state.sequence_confidence, state.aleatoric, state.epistemic, call["temperature"])
-        for name, value in zip(OUTPUT_FIELDS, values):
+        confidence = call["modules"].uncertainty.reported_confidence(values[0], logits.detach())
+        for name, value in zip(OUTPUT_FIELDS, (confidence,) + values[1:]):
             output[name] = value
 
     def _add_confidence_loss(self, call: dict, output) -> None:

@@ -55,6 +55,7 @@ from ..data.preprocessing import (
 from ..evaluation.metrics import classification_metrics, token_classification_metrics
 from ..evaluation.reliability import save_reliability_diagram
 from ..introspection import find_head_name
+from ..uncertainty.calibration import calibrate_uncertainty
 from .trainer import UMEMATrainer
 
 RUN_INFO_NAME = "umema_run.json"
@@ -209,6 +210,10 @@ class Method(ABC):
     def parameter_counts(self, fitted: Fitted) -> tuple[int, int]:
         """(trainable, total) parameters."""
 
+    def method_details(self, fitted: Fitted, predictions: Predictions) -> dict:
+        """What metrics.json reports about this method besides the shared metrics (options, post-hoc fits)."""
+        return {}
+
 
 METHODS: dict[str, Method] = {}
 
@@ -278,8 +283,14 @@ class LoRAMethod(Method):
         return fitted.model.get_nb_trainable_parameters()
 
 
+@dataclasses.dataclass
+class UMEMAFitted(Fitted):
+    calibration: dict = dataclasses.field(default_factory=dict)
+
+
 class UMEMAMethod(LoRAMethod):
-    """LoRA + Uncertainty Modeling + External Memory Augmentation, trained with the joint UMEMA objective."""
+    """LoRA + Uncertainty Modeling + External Memory Augmentation, trained with the joint UMEMA objective, then
+    UM's temperature and confidence refit on the dev split (`calibrate_uncertainty`)."""
 
     name = "umema"
     description = "LoRA + UM + EMA; calibrated softmax plus UM's confidence, aleatoric and epistemic uncertainty"
@@ -291,10 +302,21 @@ class UMEMAMethod(LoRAMethod):
             task_type=setup.task_type, use_um=options.use_um, use_ema=options.use_ema, **lora_options(options, model)
         )
 
+    def fit(self, setup: RunSetup) -> Fitted:
+        fitted = super().fit(setup)
+        calibration = {}
+        if setup.options.use_um:
+            dev = _batches(setup.eval_dataset, setup.task_type, setup.tokenizer, setup.options.batch_size)
+            calibration = calibrate_uncertainty(fitted.model, dev)
+        return UMEMAFitted(model=fitted.model, log_history=fitted.log_history, calibration=calibration)
+
     def predict(self, fitted: Fitted, batches: DataLoader, progress: bool = True) -> Predictions:
         config = fitted.model.peft_config[fitted.model.active_adapter]
         fields = UM_OUTPUT_FIELDS if config.use_um else ()
         return collect_predictions(fitted.model, batches, fields, progress=progress)
+
+    def method_details(self, fitted: Fitted, predictions: Predictions) -> dict:
+        return {"dev_calibration": fitted.calibration} if isinstance(fitted, UMEMAFitted) else {}
 
 
 register_method(UMEMAMethod())
@@ -559,6 +581,7 @@ def train(
         "epochs_trained": _epochs_trained(fitted.log_history),
         "trainable_parameters": trainable,
         "total_parameters": total,
+        "method_details": chosen.method_details(fitted, predictions),
         "timings": {
             "fit_seconds": round(fit_seconds, 2),
             "test_seconds": round(test_seconds, 2),

@@ -102,6 +102,9 @@ class UncertaintyEstimator(nn.Module):
         # calibration: T = T_min + softplus(w . features + b + gamma * v), gamma >= 0 keeps T increasing in v
         self.temperature_proj = nn.Linear(memory_dim + (2 if token_level else 0), 1)
         self.uncertainty_gain = nn.Parameter(torch.tensor(0.0))
+        # reported confidence = sigmoid(m0 logit(c_UM) + m1 logit(max calibrated prob) + m2): identity until a
+        # dev refit (calibration.py) sets it; a buffer, since training data has too few errors to learn it from
+        self.register_buffer("confidence_map", torch.tensor([1.0, 0.0, 0.0]))
         self.reset_calibration()
 
     def reset_calibration(self) -> None:
@@ -209,6 +212,17 @@ class UncertaintyEstimator(nn.Module):
         features, uncertainty = self.temperature_inputs(state)
         logit = self.temperature_proj(features).squeeze(-1) + F.softplus(self.uncertainty_gain) * uncertainty
         return self.min_temperature + F.softplus(logit)
+
+
+    def reported_confidence(self, um_confidence: torch.Tensor, calibrated_logits: torch.Tensor) -> torch.Tensor:
+        """UM's confidence stacked with the calibrated maximum probability through `confidence_map`."""
+        max_prob = torch.softmax(calibrated_logits.float(), -1).amax(-1)
+        stacked = (
+            self.confidence_map[0] * torch.logit(um_confidence.float(), eps=_EPS)
+            + self.confidence_map[1] * torch.logit(max_prob, eps=_EPS)
+            + self.confidence_map[2]
+        )
+        return torch.sigmoid(stacked)
 
 
 def confidence_targets_loss(
