@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may wait on an unreachable hub
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses too: tiny models only pay thread overhead
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from transformers import (
     LlamaConfig,
 )
 
+torch.set_num_threads(1)  # tiny models gain nothing from threads, and 2 threads per process oversubscribe 2 cores
 SHARED_DATA = Path(os.environ.get("PEFT_UMEMA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 FAMILIES = ("gpt2", "llama", "bert")
 TASKS = ("SEQ_CLS", "TOKEN_CLS")

@@ -52,15 +52,6 @@ def save_relation_slice(shared_data: Path, folder: Path, train_records: int = 12
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and on a shared CPU idle-spinning threads slow them 10x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny_backbone(tmp_path_factory) -> str:
     return str(save_tiny_backbone(tmp_path_factory.mktemp("tiny-bert")))
