@@ -18,7 +18,7 @@ from peft_umema.evaluation.metrics import classification_metrics
 from peft_umema.hub import push_to_hub
 from peft_umema.training import run
 from peft_umema.training.trainer import UMEMATrainer
-from test_cli import one_thread, save_ner_slice, save_tiny_backbone  # noqa: F401  (one_thread: autouse)
+from test_cli import save_ner_slice, save_tiny_backbone
 
 ENDPOINT = "http://127.0.0.1:9"  # nothing listens there: any real network call would fail
 TOKEN = "hf_local_test_token"
