@@ -176,3 +176,14 @@ def test_push_rejects_other_objects(hub):
         push_to_hub(tiny_model("bert"), "someone/plain")
     with pytest.raises(FileNotFoundError, match="umema_run.json"):
         push_to_hub(Path(__file__).parent, "someone/folder")
+
+
+def test_trainer_push_to_hub_writes_the_umema_card(hub, tmp_path):
+    model, trainer = trained("SEQ_CLS", tmp_path)
+    trainer.args.hub_model_id = "someone/from-trainer"
+    trainer.push_to_hub(token=TOKEN)  # the stand-in hub intercepts create_repo / upload_folder
+    assert [call[2] for call in hub.calls] == [TOKEN, TOKEN]
+    pulled_dir = hub.pull("someone/from-trainer", tmp_path / "pulled")
+    assert "import peft_umema" in (pulled_dir / "README.md").read_text()
+    pulled = PeftModel.from_pretrained(tiny_base("SEQ_CLS", tmp_path / "base"), pulled_dir).eval()
+    assert_same_outputs(model, pulled, "SEQ_CLS")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
@@ -71,6 +73,18 @@ class UMEMATrainer(Trainer):
         loss = task_loss + config.confidence_loss_weight * confidence_loss
         outputs["loss"] = loss
         return (loss, outputs) if return_outputs else loss
+
+    def push_to_hub(self, commit_message: str = "End of training", blocking: bool = True, token=None, revision=None,
+                    **kwargs):
+        """Upload the adapter with its memory and a `peft_umema` model card (base model, task, the last
+        evaluation's calibration figures, `import peft_umema`), instead of peft's generic card."""
+        from ..hub import push_to_hub
+
+        repo_id = self.args.hub_model_id or Path(self.args.output_dir).name
+        return push_to_hub(
+            self, repo_id, token=token or self.args.hub_token, private=self.args.hub_private_repo,
+            commit_message=commit_message,
+        )
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._loss_count:
