@@ -39,33 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics.json and reliability.png to --output-dir.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    train.add_argument("--model", default=run.DEFAULT_MODEL, help="backbone: minilm, smollm2-135m, hub name or folder")
-    train.add_argument("--data", default=run.DEFAULT_DATA,
-                       help="benchmark name (20newsgroups, semeval2010_task8, wnut17, ploner[:domain], wnut16_demo, "
-                       "bbc_news_demo), local path, or hub data set")
+    _add_model_and_data(train, defaults)
     train.add_argument("--output-dir", default=run.DEFAULT_OUTPUT_DIR, help="run folder to write")
     train.add_argument("--method", default="umema", choices=sorted(run.METHODS),
                        help="; ".join(f"{name}: {method.description}" for name, method in sorted(run.METHODS.items())))
     train.add_argument("--shots", type=_shots, default=run.DEFAULT_SHOTS,
                        help="train on this many examples (seeded, stratified); 'all' for the whole split")
     train.add_argument("--seed", type=int, default=0, help="seeds the subset, initialisation and data order")
-    train.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank")
     train.add_argument("--use-um", action=argparse.BooleanOptionalAction, default=defaults.use_um,
                        help="Uncertainty Modeling (umema method)")
     train.add_argument("--use-ema", action=argparse.BooleanOptionalAction, default=defaults.use_ema,
                        help="External Memory Augmentation (umema method)")
-    train.add_argument("--epochs", type=float, default=defaults.epochs, help="training epochs")
-    train.add_argument("--learning-rate", "--lr", type=float, default=defaults.learning_rate,
-                       help="peak learning rate (AdamW, linear warm-up and decay)")
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size, help="examples per optimizer step")
-    train.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per example")
-    train.add_argument("--patience", type=int, default=defaults.patience,
-                       help="stop after this many epochs without a better dev score")
-    train.add_argument("--max-steps", type=int, default=defaults.max_steps,
-                       help="stop after this many optimizer steps (-1: train for --epochs)")
     train.add_argument("--missing-rate", type=float, default=0.0,
                        help="drop this fraction of the words of every example (missing-information study)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_training_options(train, defaults)
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser(
@@ -93,7 +80,52 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("texts", metavar="TEXT", nargs="+", help="text(s) to label")
     predict.add_argument("--json", action="store_true", help="print JSON instead of tables")
     predict.set_defaults(handler=_predict)
+
+    compare = commands.add_parser(
+        "compare", help="train every method under every seed on one split and tabulate them",
+        description="Run methods side by side (same backbone, same k-shot subset per seed) and write comparison.md "
+        "(mean +- std over seeds), comparison.json and reliability diagrams to --output-dir.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_model_and_data(compare, defaults)
+    compare.add_argument("--methods", nargs="+", default=sorted(run.METHODS), choices=sorted(run.METHODS),
+                         metavar="METHOD", help=f"methods to compare, from: {', '.join(sorted(run.METHODS))}")
+    compare.add_argument("--shots", type=_shots, default=200, help="training examples per seed; 'all' for all")
+    compare.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run of every method per seed")
+    compare.add_argument("--output-dir", default="umema-comparison", help="folder for the table and diagrams")
+    compare.add_argument("--dev-size", type=int, help="score on a fixed seeded subset of this many dev examples")
+    compare.add_argument("--test-size", type=int, help="score on a fixed seeded subset of this many test examples")
+    _add_training_options(compare, defaults)
+    compare.set_defaults(handler=_compare)
     return parser
+
+
+def _add_model_and_data(parser: argparse.ArgumentParser, defaults: run.TrainOptions) -> None:
+    parser.add_argument("--model", default=run.DEFAULT_MODEL, help="backbone: minilm, smollm2-135m, hub name or folder")
+    parser.add_argument("--data", default=run.DEFAULT_DATA,
+                        help="benchmark name (20newsgroups, semeval2010_task8, wnut17, ploner[:domain], wnut16_demo, "
+                        "bbc_news_demo), local path, or hub data set")
+    parser.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank")
+
+
+def _add_training_options(parser: argparse.ArgumentParser, defaults: run.TrainOptions) -> None:
+    parser.add_argument("--epochs", type=float, default=defaults.epochs, help="training epochs")
+    parser.add_argument("--learning-rate", "--lr", type=float, default=defaults.learning_rate,
+                        help="peak learning rate (AdamW, linear warm-up and decay)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="examples per optimizer step")
+    parser.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per example")
+    parser.add_argument("--patience", type=int, default=defaults.patience,
+                        help="stop after this many epochs without a better dev score")
+    parser.add_argument("--max-steps", type=int, default=defaults.max_steps,
+                        help="stop after this many optimizer steps (-1: train for --epochs)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _training_options(args: argparse.Namespace) -> dict:
+    return dict(
+        rank=args.rank, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
+        max_length=args.max_length, patience=args.patience, max_steps=args.max_steps, progress=not args.no_progress,
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -123,15 +155,25 @@ def _shots(value: str) -> Optional[int]:
 def _train(args: argparse.Namespace) -> int:
     metrics = run.train(
         args.model, args.data, args.output_dir, method=args.method, shots=args.shots, seed=args.seed,
-        missing_rate=args.missing_rate, rank=args.rank, use_um=args.use_um, use_ema=args.use_ema, epochs=args.epochs,
-        learning_rate=args.learning_rate, batch_size=args.batch_size, max_length=args.max_length,
-        patience=args.patience, max_steps=args.max_steps, progress=not args.no_progress,
+        missing_rate=args.missing_rate, use_um=args.use_um, use_ema=args.use_ema, **_training_options(args),
     )
     print(f"{metrics['method']} on {metrics['data']} ({metrics['sizes']['train']} training examples, "
           f"{metrics['timings']['total_seconds']:.0f} s). Test split ({metrics['sizes']['test']} examples):")
     print(_metrics_table(metrics["test"]))
     output_dir = Path(args.output_dir)
     print(f"Saved adapter, {run.METRICS_NAME} and {run.RELIABILITY_NAME} to {output_dir}/")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .evaluation.comparison import compare
+
+    compare(
+        args.methods, args.data, args.shots, args.seeds, model=args.model, output_dir=args.output_dir,
+        dev_size=args.dev_size, test_size=args.test_size, **_training_options(args),
+    )
+    table = Path(args.output_dir) / "comparison.md"
+    print(table.read_text(encoding="utf-8"))
     return 0
 
 

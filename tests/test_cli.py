@@ -203,6 +203,21 @@ def test_sequence_task_with_plain_lora(tiny_backbone, shared_data, tmp_path, cap
     assert probability == confidence and aleatoric == epistemic == "-"  # plain LoRA has no UM
 
 
+def test_compare_tabulates_methods_over_seeds(tiny_backbone, ner_file, tmp_path, capsys):
+    output_dir = tmp_path / "comparison"
+    code = main([
+        "compare", "--methods", "lora", "umema", "lora+ts", "--model", tiny_backbone, "--data", ner_file,
+        "--shots", "24", "--seeds", "0", "1", "--epochs", "1", "--batch-size", "8", "--max-length", "32",
+        "--output-dir", str(output_dir), "--no-progress",
+    ])
+    assert code == 0
+    table = (output_dir / "comparison.md").read_text()
+    assert table in capsys.readouterr().out
+    for method in ("lora", "umema", "lora+ts"):
+        assert f"| {method} |" in table
+    assert "±" in table and (output_dir / "comparison.json").is_file()
+
+
 def one_line_error(capsys, command: str) -> str:
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()

@@ -875,3 +875,7 @@ def _datasets_progress(shown: bool):
     finally:
         if was_enabled:
             datasets.enable_progress_bars()
+
+
+# the baselines register themselves with the registry above (they subclass LoRAMethod, hence the late import)
+from ..baselines import methods as _baseline_methods  # noqa: E402,F401
