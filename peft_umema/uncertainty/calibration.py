@@ -87,17 +87,17 @@ def calibrate_uncertainty(model, dataloader, adapter_name: Optional[str] = None,
     def nll():
         return F.cross_entropy(data["logits"] / temperature().unsqueeze(-1), labels)
 
-    report["dev_nll_before"] = float(nll())
+    report["dev_nll_before"] = nll().item()
     _lbfgs([scale, bias, gain], nll, max_iter)
-    report["dev_nll_after"] = float(nll())
+    report["dev_nll_after"] = nll().item()
     report["temperature_refit"] = math.isfinite(report["dev_nll_after"]) and report["dev_nll_after"] < report[
         "dev_nll_before"
     ]
     if report["temperature_refit"]:
         with torch.no_grad():
             proj.weight.mul_(scale.to(proj.weight))
-            proj.bias.fill_(float(bias))
-            estimator.uncertainty_gain.fill_(float(gain))
+            proj.bias.fill_(bias.item())
+            estimator.uncertainty_gain.fill_(gain.item())
     else:
         report["dev_nll_after"] = report["dev_nll_before"]
 
@@ -113,10 +113,10 @@ def calibrate_uncertainty(model, dataloader, adapter_name: Optional[str] = None,
     def confidence_bce():
         return F.binary_cross_entropy_with_logits(inputs @ weights[:2] + weights[2], correct)
 
-    report["dev_confidence_bce_before"] = float(confidence_bce())
+    report["dev_confidence_bce_before"] = confidence_bce().item()
     if 0 < float(correct.mean()) < 1:  # needs both right and wrong predictions to learn from
         _lbfgs([weights], confidence_bce, max_iter)
-    report["dev_confidence_bce_after"] = float(confidence_bce())
+    report["dev_confidence_bce_after"] = confidence_bce().item()
     report["confidence_refit"] = report["dev_confidence_bce_after"] < report["dev_confidence_bce_before"]
     if report["confidence_refit"]:
         estimator.confidence_map.copy_(weights.detach().to(estimator.confidence_map))
