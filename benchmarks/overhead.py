@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
 
 import peft_umema
-from peft_umema.backbones import load_backbone
+from peft_umema.experiments.backbones import load_backbone
 
 VARIANTS = {
     "LoRA": None,
@@ -69,7 +69,7 @@ def inference_step(model, batch, device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="backbone name or path (see peft_umema.backbones)")
+    parser.add_argument("--model", default="smollm2-135m", help="backbone name or path (see peft_umema.experiments.backbones)")
     parser.add_argument("--task", default="SEQ_CLS", choices=["SEQ_CLS", "TOKEN_CLS"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)

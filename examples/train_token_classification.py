@@ -12,14 +12,18 @@ import argparse
 
 import torch
 from peft import get_peft_model
-from transformers import DataCollatorForTokenClassification, EarlyStoppingCallback, TrainingArguments
+from transformers import (
+    DataCollatorForTokenClassification,
+    EarlyStoppingCallback,
+    TrainingArguments,
+)
 
 import peft_umema  # noqa: F401  (registers the UMEMA adapter type with peft)
 from peft_umema import UMEMAConfig
-from peft_umema.backbones import load_backbone
 from peft_umema.data.loaders import label_names_of, load_benchmark
 from peft_umema.data.preprocessing import tokenize_dataset
 from peft_umema.evaluation.metrics import token_classification_metrics
+from peft_umema.experiments.backbones import load_backbone
 from peft_umema.training.trainer import UMEMATrainer
 
 # LoRA on every linear layer of the encoder (attention and feed-forward), not only query and value

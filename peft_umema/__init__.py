@@ -4,9 +4,9 @@
 `PeftConfig.from_pretrained` and `PeftModel.from_pretrained` work as for any built-in method.
 """
 
-from .config import UMEMAConfig
-from .model import UMEMAModel
-from .registration import register
+from .tuner.config import UMEMAConfig
+from .tuner.model import UMEMAModel
+from .tuner.registration import register
 
 __version__ = "0.1.0"
 __all__ = ["UMEMAConfig", "UMEMAModel", "__version__"]

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from .training import run
+from .experiments import runs as run
+from .experiments.methods import METHODS
 
 PROGRAM = "peft-umema"
 USAGE_ERROR = 2
@@ -41,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_and_data(train, defaults)
     train.add_argument("--output-dir", default=run.DEFAULT_OUTPUT_DIR, help="run folder to write")
-    train.add_argument("--method", default="umema", choices=sorted(run.METHODS),
-                       help="; ".join(f"{name}: {method.description}" for name, method in sorted(run.METHODS.items())))
+    train.add_argument("--method", default="umema", choices=sorted(METHODS),
+                       help="; ".join(f"{name}: {method.description}" for name, method in sorted(METHODS.items())))
     train.add_argument("--shots", type=_shots, default=run.DEFAULT_SHOTS,
                        help="train on this many examples (seeded, stratified); 'all' for the whole split")
     train.add_argument("--seed", type=int, default=0, help="seeds the subset, initialisation and data order")
@@ -88,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_model_and_data(compare, defaults)
-    compare.add_argument("--methods", nargs="+", default=sorted(run.METHODS), choices=sorted(run.METHODS),
-                         metavar="METHOD", help=f"methods to compare, from: {', '.join(sorted(run.METHODS))}")
+    compare.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS),
+                         metavar="METHOD", help=f"methods to compare, from: {', '.join(sorted(METHODS))}")
     compare.add_argument("--shots", type=_shots, default=200, help="training examples per seed; 'all' for all")
     compare.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run of every method per seed")
     compare.add_argument("--output-dir", default="umema-comparison", help="folder for the table and diagrams")
@@ -166,7 +167,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .evaluation.comparison import compare
+    from .experiments.compare import compare
 
     compare(
         args.methods, args.data, args.shots, args.seeds, model=args.model, output_dir=args.output_dir,

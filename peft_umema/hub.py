@@ -21,7 +21,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from peft import PeftModel
 from transformers import Trainer
 
-from .training import run
+from .experiments import runs as run
 
 CARD_NAME = "README.md"
 PIPELINE_TAGS = {"SEQ_CLS": "text-classification", "TOKEN_CLS": "token-classification"}

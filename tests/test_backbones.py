@@ -7,9 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_umema.backbones import _write_atomically, load_backbone, resolve_backbone
 from peft_umema.data.loaders import load_benchmark
 from peft_umema.data.preprocessing import IGNORE_INDEX, tokenize_dataset
+from peft_umema.experiments.backbones import (
+    _write_atomically,
+    load_backbone,
+    resolve_backbone,
+)
 
 
 def test_minilm_resolves_to_the_package_model_folder():

@@ -11,11 +11,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 
-from peft_umema.baselines.adue import AdUE, MahalanobisDistance, error_detection_comparison, softmax_response
+from peft_umema.baselines.adue import (
+    AdUE,
+    MahalanobisDistance,
+    error_detection_comparison,
+    softmax_response,
+)
 from peft_umema.baselines.ensemble import LoraEnsemble, add_ensemble_members
 from peft_umema.baselines.laplace import LaplaceApproximation
 from peft_umema.baselines.mc_dropout import MCDropout
-from peft_umema.baselines.prediction import classification_head, collect_labels, collect_logits, predict_proba
+from peft_umema.baselines.prediction import (
+    classification_head,
+    collect_labels,
+    collect_logits,
+    predict_proba,
+)
 from peft_umema.baselines.swag import LoraSwag, MultiSwag, SwagCallback
 from peft_umema.baselines.temperature import TemperatureScaling, fit_temperature
 

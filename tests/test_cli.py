@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from peft_umema.backbones import resolve_backbone
 from peft_umema.cli import main
 from peft_umema.data.loaders import label_names_of, load_benchmark
-from peft_umema.training import run
+from peft_umema.experiments import runs as run
+from peft_umema.experiments.backbones import resolve_backbone
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CALIBRATION_KEYS = {"ece", "nll", "brier", "auroc_error", "aurc", "accuracy"}

@@ -6,8 +6,8 @@ import pytest
 from test_cli import PNG_SIGNATURE, save_relation_slice, save_tiny_backbone
 from test_methods import CHEAP_OPTIONS, save_wnut17_slice
 
-from peft_umema.evaluation import comparison
-from peft_umema.training import run
+from peft_umema.experiments import compare as comparison
+from peft_umema.experiments import runs as run
 
 ALL_METHODS = ["umema", "lora", "lora+ts", "mcdropout", "ensemble", "swag", "multiswag", "adue", "laplace"]
 TRAINING = {"epochs": 2, "batch_size": 8, "max_length": 32, "learning_rate": 5e-3, "progress": False}

@@ -4,13 +4,12 @@ import collections
 import re
 import tarfile
 
+import datasets
 import numpy as np
 import pytest
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import AutoTokenizer, GPT2Tokenizer
 
-import datasets
-from peft_umema.backbones import resolve_backbone
 from peft_umema.data.loaders import (
     SEMEVAL_LABELS,
     bio_label_names,
@@ -27,6 +26,7 @@ from peft_umema.data.preprocessing import (
     prepare_tokenizer,
     tokenize_dataset,
 )
+from peft_umema.experiments.backbones import resolve_backbone
 
 
 def sizes(dataset_dict):

@@ -11,14 +11,18 @@ from datasets import Dataset
 from huggingface_hub import HfApi
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, TrainingArguments
+from test_cli import save_ner_slice, save_tiny_backbone
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    TrainingArguments,
+)
 
 from peft_umema import UMEMAConfig
 from peft_umema.evaluation.metrics import classification_metrics
+from peft_umema.experiments import runs as run
 from peft_umema.hub import push_to_hub
-from peft_umema.training import run
 from peft_umema.training.trainer import UMEMATrainer
-from test_cli import save_ner_slice, save_tiny_backbone
 
 ENDPOINT = "http://127.0.0.1:9"  # nothing listens there: any real network call would fail
 TOKEN = "hf_local_test_token"

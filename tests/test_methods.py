@@ -13,11 +13,15 @@ from test_cli import save_relation_slice, save_tiny_backbone
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from peft_umema.baselines import methods
 from peft_umema.baselines.prediction import collect_logits, using_adapter
 from peft_umema.data.loaders import label_names_of, load_benchmark, task_type_of
-from peft_umema.data.preprocessing import k_shot_subset, prepare_tokenizer, tokenize_dataset
-from peft_umema.training import run
+from peft_umema.data.preprocessing import (
+    k_shot_subset,
+    prepare_tokenizer,
+    tokenize_dataset,
+)
+from peft_umema.experiments import baseline_methods as methods
+from peft_umema.experiments import runs as run
 
 BASELINES = ("lora+ts", "mcdropout", "ensemble", "swag", "multiswag", "adue", "laplace")
 TRAINING = {"shots": 16, "epochs": 2, "batch_size": 8, "max_length": 32, "learning_rate": 5e-3, "progress": False}

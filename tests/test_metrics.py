@@ -17,7 +17,10 @@ from peft_umema.evaluation.metrics import (
     risk_coverage_auc,
     token_classification_metrics,
 )
-from peft_umema.evaluation.reliability import save_reliability_comparison, save_reliability_diagram
+from peft_umema.evaluation.reliability import (
+    save_reliability_comparison,
+    save_reliability_diagram,
+)
 
 # Four examples, three classes:
 #   probs               label  prediction  confidence  correct

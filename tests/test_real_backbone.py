@@ -6,9 +6,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import DataCollatorWithPadding
 
 from peft_umema import UMEMAConfig
-from peft_umema.backbones import load_backbone
 from peft_umema.data.loaders import label_names_of, load_benchmark
 from peft_umema.data.preprocessing import k_shot_subset, tokenize_dataset
+from peft_umema.experiments.backbones import load_backbone
 
 
 @pytest.fixture(scope="module")

@@ -386,8 +386,8 @@ def test_corrupted_adapter_file_raises(tmp_path):
 
 
 def test_pipeline_works_unchanged():
-    from transformers import PreTrainedTokenizerFast, pipeline
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, pipeline
 
     vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(90)}}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))

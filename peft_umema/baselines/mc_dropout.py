@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .prediction import Batches, active_dropout_layers, collect_logits, model_device, seeded
+from .prediction import (
+    Batches,
+    active_dropout_layers,
+    collect_logits,
+    model_device,
+    seeded,
+)
 
 
 class MCDropout:

@@ -15,10 +15,20 @@ from collections.abc import Sequence
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 from .persistence import SafetensorsState, check_state_keys, check_state_shapes
-from .prediction import Batches, adapter_parameter_groups, predict_with_weight_samples, using_adapter
+from .prediction import (
+    Batches,
+    adapter_parameter_groups,
+    predict_with_weight_samples,
+    using_adapter,
+)
 
 
 class LoraSwag(SafetensorsState):

@@ -13,7 +13,8 @@ import os
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Sequence as SequenceOf
+from collections.abc import Iterable
+from collections.abc import Sequence as SequenceOf
 from pathlib import Path, PurePosixPath
 
 import datasets

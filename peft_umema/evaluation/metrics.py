@@ -15,7 +15,11 @@ from seqeval.metrics import f1_score as span_f1_score
 from seqeval.metrics import precision_score as span_precision_score
 from seqeval.metrics import recall_score as span_recall_score
 from seqeval.scheme import IOB2
-from torchmetrics.functional.classification import binary_auroc, binary_calibration_error, multiclass_f1_score
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    binary_calibration_error,
+    multiclass_f1_score,
+)
 
 IGNORE_INDEX = -100
 # Floor on the probability of the true class, so that one confident mistake gives a large but finite NLL.

@@ -6,7 +6,7 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
-from ..model import UMEMAModel
+from ..tuner.model import UMEMAModel
 
 
 def find_umema_tuner(model) -> Optional[UMEMAModel]:

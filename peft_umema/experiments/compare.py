@@ -27,13 +27,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from ..backbones import resolve_backbone
-from ..baselines.methods import BaselineMethod, DerivedMethod, configured_method
 from ..data.loaders import SEQ_CLS, label_names_of, load_benchmark, task_type_of
 from ..data.preprocessing import k_shot_subset, prepare_tokenizer, tokenize_dataset
-from ..training.run import (
-    CHECKPOINTS_NAME,
-    DEFAULT_MODEL,
+from ..evaluation.reliability import (
+    save_reliability_comparison,
+    save_reliability_diagram,
+)
+from .backbones import resolve_backbone
+from .baseline_methods import BaselineMethod, DerivedMethod, configured_method
+from .methods import (
     Fitted,
     Method,
     RunSetup,
@@ -44,7 +46,7 @@ from ..training.run import (
     score_predictions,
     write_json,
 )
-from .reliability import save_reliability_comparison, save_reliability_diagram
+from .runs import CHECKPOINTS_NAME, DEFAULT_MODEL
 
 DEFAULT_OUTPUT_DIR = "umema-comparison"
 TABLE_NAME = "comparison.md"

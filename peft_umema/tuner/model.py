@@ -22,10 +22,15 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 from torch import nn
 
+from ..memory.augmentation import MemoryAugmentation
+from ..uncertainty.estimator import (
+    UncertaintyEstimator,
+    UncertaintyState,
+    confidence_targets_loss,
+    masked_mean,
+)
+from .attach import find_head_name, find_layer_list, hidden_size_of, is_causal_lm
 from .config import UMEMAConfig
-from .introspection import find_head_name, find_layer_list, hidden_size_of, is_causal_lm
-from .memory.augmentation import MemoryAugmentation
-from .uncertainty.estimator import UncertaintyEstimator, UncertaintyState, confidence_targets_loss, masked_mean
 
 MODULES_ATTR = "umema_modules"
 OUTPUT_FIELDS = ("confidence", "aleatoric", "epistemic", "temperature")

@@ -39,9 +39,17 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import Trainer
 
+from ..baselines.adue import AdUE, MahalanobisDistance
+from ..baselines.ensemble import LoraEnsemble
+from ..baselines.laplace import LaplaceApproximation
+from ..baselines.mc_dropout import MCDropout
+from ..baselines.persistence import SafetensorsState
+from ..baselines.prediction import collect_labels, collect_logits
+from ..baselines.swag import LoraSwag, MultiSwag, SwagCallback
+from ..baselines.temperature import TemperatureScaling
 from ..data.preprocessing import IGNORE_INDEX
 from ..evaluation.metrics import error_detection_auroc
-from ..training.run import (
+from .methods import (
     Fitted,
     LoRAMethod,
     Method,
@@ -52,14 +60,6 @@ from ..training.run import (
     register_method,
     write_json,
 )
-from .adue import AdUE, MahalanobisDistance
-from .ensemble import LoraEnsemble
-from .laplace import LaplaceApproximation
-from .mc_dropout import MCDropout
-from .persistence import SafetensorsState
-from .prediction import collect_labels, collect_logits
-from .swag import LoraSwag, MultiSwag, SwagCallback
-from .temperature import TemperatureScaling
 
 METHOD_STATE_NAME = "method_state.json"
 # Member i of an ensemble (or MultiSWAG run i) trains under seed + i * stride: distinct from the members of the

@@ -19,8 +19,8 @@ from transformers import (
     AutoTokenizer,
 )
 
-from .data.loaders import installed_package_dir
-from .data.preprocessing import prepare_tokenizer
+from ..data.loaders import installed_package_dir
+from ..data.preprocessing import prepare_tokenizer
 
 CACHE_ENV = "PEFT_UMEMA_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/peft_umema")

@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Optional
 
 from torch import nn
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
 
 HEAD_MODULE_NAMES = ("score", "classifier")
 LAYER_LIST_SUFFIXES = ("layers", "layer", "h", "blocks")

@@ -1,0 +1,461 @@
+"""The Python API behind the `peft-umema` command: `train`, `evaluate` and `predict`, one call each.
+
+`train` writes everything `evaluate` and `predict` need into one folder: the adapter (`save_pretrained`: weights and
+memory bank), the tokenizer, `umema_run.json` (method, backbone, task, label names), `metrics.json` and
+`reliability.png`. Methods come from the registry in `methods.py` (baselines register in `baseline_methods.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import datasets
+import numpy as np
+import peft
+import torch
+import transformers
+from datasets import ClassLabel, Dataset
+from peft import PeftModel
+from transformers import (
+    AutoTokenizer,
+)
+
+from .. import __version__
+from ..data.loaders import SEQ_CLS, label_names_of, load_benchmark, task_type_of
+from ..data.preprocessing import (
+    corrupt_missing,
+    k_shot_subset,
+    prepare_tokenizer,
+    tokenize_dataset,
+)
+from ..evaluation.reliability import save_reliability_diagram
+from ..tuner.config import UMEMAConfig
+from . import baseline_methods  # noqa: F401  (registers the baselines)
+from .backbones import resolve_backbone
+from .methods import (
+    Fitted,
+    Method,
+    Predictions,
+    RunSetup,
+    TrainOptions,
+    confidence_and_correctness,
+    dev_batches,
+    get_method,
+    json_safe,
+    score_predictions,
+    write_json,
+)
+
+# ----------------------------------------------------------------------------------------------------------------
+# train / evaluate / predict
+# ----------------------------------------------------------------------------------------------------------------
+
+RUN_INFO_NAME = "umema_run.json"
+METRICS_NAME = "metrics.json"
+RELIABILITY_NAME = "reliability.png"
+CHECKPOINTS_NAME = "checkpoints"
+RUN_INFO_VERSION = 1
+
+# The offline demo: a real pretrained encoder on real news articles, a few minutes on 2 CPU cores.
+DEFAULT_MODEL = "minilm"
+DEFAULT_DATA = "bbc_news_demo"
+DEFAULT_SHOTS = 400
+DEFAULT_OUTPUT_DIR = "umema-run"
+# Words for tagging free text: URLs, @mentions and #hashtags stay whole (as in tweet NER data), punctuation splits off.
+WORD_PATTERN = re.compile(r"https?://\S+|[@#]?\w+(?:['’.-]\w+)*|[^\w\s]")
+
+
+
+def train(
+    model: str = DEFAULT_MODEL,
+    data: str | os.PathLike = DEFAULT_DATA,
+    output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR,
+    *,
+    method: str = "umema",
+    shots: Optional[int] = DEFAULT_SHOTS,
+    seed: int = 0,
+    missing_rate: float = 0.0,
+    **options,
+) -> dict:
+    """Fine-tune `model` on `data` with `method`, pick the best epoch on dev, score the test split, save the run.
+
+    Args:
+        model: backbone name (`minilm`, `smollm2-135m`), hub name or local folder.
+        data: benchmark name (see `load_benchmark`), local path, or hub data set.
+        output_dir: run folder, created or overwritten: adapter, tokenizer, `umema_run.json`, `metrics.json`,
+            `reliability.png`.
+        method: a name in `METHODS` (`umema`, `lora`, ...).
+        shots: train on a seeded, stratified subset of this many training examples; None uses the whole split.
+        seed: seeds the subset, the corruption, the initialisation and the data order.
+        missing_rate: drop this fraction of the words of every example in every split (the paper's
+            missing-information study); 0 keeps the data intact.
+        **options: any `TrainOptions` field (rank, use_um, use_ema, epochs, learning_rate, batch_size, max_length,
+            patience, max_steps, warmup_ratio, weight_decay, max_grad_norm, target_modules, progress).
+
+    Returns:
+        The contents of `metrics.json`: `test` metrics, `dev` metrics of the kept epoch, and the run's settings,
+        sizes, parameter counts and timings.
+    """
+    started = time.perf_counter()
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TrainOptions)})
+    if unknown:
+        raise ValueError(
+            f"Unknown training option(s) {unknown}; valid ones: {[f.name for f in dataclasses.fields(TrainOptions)]}."
+        )
+    train_options = TrainOptions(**options)
+    chosen = get_method(method)
+    output_dir = Path(output_dir)
+    backbone, data_name = _portable_name(model), _portable_name(data)
+
+    splits = load_benchmark(data)
+    task_type, label_names = task_type_of(splits), label_names_of(splits)
+    if shots is not None:
+        splits["train"] = k_shot_subset(splits["train"], shots, seed)
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_backbone(backbone)))
+    with _datasets_progress(train_options.progress):
+        if missing_rate:
+            splits = corrupt_missing(splits, missing_rate, seed)
+        tokenized = tokenize_dataset(splits, tokenizer, train_options.max_length)
+    setup = RunSetup(
+        backbone=backbone,
+        task_type=task_type,
+        label_names=label_names,
+        tokenizer=tokenizer,
+        train_dataset=tokenized["train"],
+        eval_dataset=tokenized["validation"],
+        options=train_options,
+        seed=seed,
+        work_dir=output_dir / CHECKPOINTS_NAME,
+    )
+
+    fit_started = time.perf_counter()
+    fitted = chosen.fit(setup)
+    fit_seconds = time.perf_counter() - fit_started
+    shutil.rmtree(setup.work_dir, ignore_errors=True)
+
+    test_started = time.perf_counter()
+    test_batches = dev_batches(tokenized["test"], task_type, tokenizer, 2 * train_options.batch_size)
+    predictions = chosen.predict(fitted, test_batches, progress=train_options.progress)
+    test_metrics = score_predictions(predictions, task_type, label_names)
+    test_seconds = time.perf_counter() - test_started
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    chosen.save(fitted, output_dir)
+    tokenizer.save_pretrained(output_dir)
+    run_info = {
+        "format_version": RUN_INFO_VERSION,
+        "method": chosen.name,
+        "backbone": backbone,
+        "task_type": task_type,
+        "label_names": label_names,
+        "max_length": train_options.max_length,
+        "data": data_name,
+        "peft_umema_version": __version__,
+    }
+    write_json(output_dir / RUN_INFO_NAME, run_info)
+    confidences, correct = confidence_and_correctness(predictions)
+    save_reliability_diagram(
+        confidences, correct, output_dir / RELIABILITY_NAME, title=f"{chosen.name} on {_short_name(data)} (test)"
+    )
+    trainable, total = chosen.parameter_counts(fitted)
+    metrics = {
+        "test": test_metrics,
+        "dev": _best_dev_metrics(fitted.log_history, setup.selection_metric),
+        "method": chosen.name,
+        "backbone": backbone,
+        "data": data_name,
+        "task_type": task_type,
+        "label_names": label_names,
+        "seed": seed,
+        "shots": shots,
+        "missing_rate": missing_rate,
+        "config": dataclasses.asdict(train_options),
+        "sizes": {split: len(dataset) for split, dataset in splits.items()},
+        "epochs_trained": _epochs_trained(fitted.log_history),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "method_details": chosen.method_details(fitted, predictions),
+        "timings": {
+            "fit_seconds": round(fit_seconds, 2),
+            "test_seconds": round(test_seconds, 2),
+            "total_seconds": round(time.perf_counter() - started, 2),
+        },
+        "versions": _versions(),
+    }
+    write_json(output_dir / METRICS_NAME, metrics)
+    return json_safe(metrics)
+
+
+def evaluate(
+    adapter_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    split: str = "test",
+    missing_rate: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = True,
+    reliability_path: Optional[str | os.PathLike] = None,
+) -> dict:
+    """Score a saved run on a split of `data`: the same metrics as `train` writes, labels matched by name.
+
+    `missing_rate` drops that fraction of the words of every example first (seeded by `seed`), to measure how a
+    model trained on complete data copes with incomplete inputs. Returns `{"adapter", "data", "split",
+    "missing_rate", "examples", "metrics"}`; with `reliability_path`, also draws the reliability diagram there.
+    """
+    run = load_run(adapter_dir)
+    splits = load_benchmark(data)
+    if task_type_of(splits) != run.task_type:
+        raise ValueError(
+            f"{data} is a {task_type_of(splits)} data set but the adapter in {adapter_dir} was trained for "
+            f"{run.task_type}; evaluate it on data of its own task."
+        )
+    if split not in splits:
+        raise ValueError(f"{data} has no split {split!r}; it has {list(splits)}.")
+    with _datasets_progress(progress):
+        dataset = _relabel(splits[split], run.label_names, data)
+        if missing_rate:
+            dataset = corrupt_missing(dataset, missing_rate, seed)
+        tokenized = tokenize_dataset(dataset, run.tokenizer, run.info["max_length"])
+    predictions = run.method.predict(
+        run.fitted, dev_batches(tokenized, run.task_type, run.tokenizer, batch_size), progress=progress
+    )
+    if reliability_path is not None:
+        save_reliability_diagram(
+            *confidence_and_correctness(predictions), reliability_path,
+            title=f"{run.method.name} on {_short_name(data)} ({split})",
+        )
+    return {
+        "adapter": os.fspath(adapter_dir),
+        "data": os.fspath(data),
+        "split": split,
+        "missing_rate": missing_rate,
+        "examples": len(dataset),
+        "metrics": score_predictions(predictions, run.task_type, run.label_names),
+    }
+
+
+def predict(adapter_dir: str | os.PathLike, texts: Sequence[str], *, batch_size: int = 32) -> list[dict]:
+    """Label free texts with a saved run.
+
+    Sequence tasks give one dict per text: `label`, `probability` (of that label, calibrated), `confidence` (UM's;
+    the probability for methods without one), `aleatoric` and `epistemic` (None without UM). Token tasks give
+    `{"text", "words": [...]}` with those fields per word; words beyond the run's `max_length` have them all None.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts:
+        raise ValueError("Nothing to predict: pass at least one text.")
+    for number, text in enumerate(texts, start=1):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"Text {number} is empty; pass non-empty texts to predict.")
+    run = load_run(adapter_dir)
+    if run.task_type == SEQ_CLS:
+        dataset = Dataset.from_dict({"text": list(texts), "label": [0] * len(texts)})
+        words = None
+    else:
+        words = [WORD_PATTERN.findall(text) for text in texts]
+        dataset = Dataset.from_dict({"tokens": words, "ner_tags": [[0] * len(w) for w in words]})
+    with _datasets_progress(shown=False):  # a few rows of an interactive prediction
+        tokenized = tokenize_dataset(dataset, run.tokenizer, run.info["max_length"])
+    predictions = run.method.predict(
+        run.fitted, dev_batches(tokenized, run.task_type, run.tokenizer, batch_size), progress=False
+    )
+    results = []
+    for row, text in enumerate(texts):
+        fields = _readout(predictions, row, run.label_names)
+        if words is None:
+            results.append({"text": text, **fields[0]})
+            continue
+        untagged = dict.fromkeys(fields[0], None) if fields else {}
+        tagged = fields + [untagged] * (len(words[row]) - len(fields))
+        results.append({"text": text, "words": [{"word": w, **f} for w, f in zip(words[row], tagged)]})
+    return results
+
+
+def _readout(predictions: Predictions, row: int, label_names: Sequence[str]) -> list[dict]:
+    """Per prediction of one example: label, its probability, and the method's confidence and uncertainties."""
+    probs = np.reshape(predictions.probs[row], (-1, len(label_names)))
+    best = probs.argmax(axis=1)
+
+    def field(values):
+        return None if values is None else np.reshape(values[row], -1)
+
+    confidence, aleatoric, epistemic = (
+        field(predictions.confidence), field(predictions.aleatoric), field(predictions.epistemic)
+    )
+    readout = []
+    for position, label in enumerate(best):
+        probability = float(probs[position, label])
+        readout.append({
+            "label": label_names[label],
+            "probability": probability,
+            "confidence": float(confidence[position]) if confidence is not None else probability,
+            "aleatoric": float(aleatoric[position]) if aleatoric is not None else None,
+            "epistemic": float(epistemic[position]) if epistemic is not None else None,
+        })
+    return readout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run folders
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A run folder rebuilt: its method, fitted model, tokenizer and `umema_run.json`."""
+
+    method: Method
+    fitted: Fitted
+    tokenizer: Any
+    info: dict
+
+    @property
+    def task_type(self) -> str:
+        return self.info["task_type"]
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.info["label_names"]
+
+
+def read_run_info(adapter_dir: str | os.PathLike) -> dict:
+    """`umema_run.json` of a run folder, checked, with clear errors for folders `train` did not write."""
+    folder = Path(adapter_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"Adapter folder {folder} not found; pass the output folder of `peft-umema train` (its --output-dir)."
+        )
+    info_path = folder / RUN_INFO_NAME
+    if not info_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {RUN_INFO_NAME}, so its backbone, task and labels are unknown; pass a folder written by "
+            "`peft-umema train` (or peft_umema.hub.push_to_hub), or load the adapter yourself with "
+            "PeftModel.from_pretrained."
+        )
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{info_path} is not valid JSON ({error}); re-run `peft-umema train`.") from None
+    missing = [key for key in ("method", "backbone", "task_type", "label_names", "max_length") if key not in info]
+    if missing:
+        raise ValueError(f"{info_path} lacks {missing}; re-run `peft-umema train` to write a complete one.")
+    return info
+
+
+def load_run(adapter_dir: str | os.PathLike) -> LoadedRun:
+    """Rebuild a run from its folder alone (plus its backbone, named in `umema_run.json`)."""
+    info = read_run_info(adapter_dir)
+    method = get_method(info["method"])
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(os.fspath(adapter_dir)))
+    return LoadedRun(method=method, fitted=method.load(Path(adapter_dir), info), tokenizer=tokenizer, info=info)
+
+
+def run_info_for(model: PeftModel, max_length: int = TrainOptions.max_length) -> dict:
+    """The `umema_run.json` of a PeftModel trained outside `train` (e.g. to push it), read off its configs."""
+    config = model.peft_config[model.active_adapter]
+    base_config = model.get_base_model().config
+    if not config.base_model_name_or_path:
+        raise ValueError(
+            "The base model has no name or path (it was built from a config), so nothing could load this adapter "
+            "onto it again; save the base with save_pretrained() and load it with from_pretrained() before training."
+        )
+    return {
+        "format_version": RUN_INFO_VERSION,
+        "method": "umema" if isinstance(config, UMEMAConfig) else "lora",
+        "backbone": config.base_model_name_or_path,
+        "task_type": getattr(config.task_type, "value", config.task_type),
+        "label_names": [base_config.id2label[index] for index in range(base_config.num_labels)],
+        "max_length": max_length,
+        "peft_umema_version": __version__,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _relabel(dataset: Dataset, label_names: list[str], data) -> Dataset:
+    """Map the data set's label ids onto the adapter's by name: token data sets number their tags by what occurs."""
+    own_names = label_names_of(dataset)
+    if own_names == label_names:
+        return dataset
+    unknown = sorted(set(own_names) - set(label_names))
+    if unknown:
+        raise ValueError(f"{data} has labels the adapter does not know: {unknown}; the adapter predicts {label_names}.")
+    new_ids = np.array([label_names.index(name) for name in own_names])
+    column = "label" if task_type_of(dataset) == SEQ_CLS else "ner_tags"
+    features = dataset.features.copy()
+    features[column] = ClassLabel(names=label_names)
+    if column == "ner_tags":
+        features[column] = datasets.Sequence(features[column])
+
+    def renumber(batch):
+        if column == "label":
+            return {column: new_ids[np.asarray(batch[column], dtype=int)].tolist()}
+        return {column: [new_ids[np.asarray(tags, dtype=int)].tolist() for tags in batch[column]]}
+
+    return dataset.map(renumber, batched=True, features=features)
+
+
+def _short_name(data: str | os.PathLike) -> str:
+    return Path(os.fspath(data)).name
+
+
+def _portable_name(name_or_path: str | os.PathLike) -> str:
+    """Local paths become absolute, so that a run folder works from any working directory."""
+    name = os.fspath(name_or_path)
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
+def _best_dev_metrics(log_history: list[dict], metric: str) -> dict:
+    """The dev metrics of the epoch that was kept (the best by `metric`), without the `eval_` prefix."""
+    evaluations = [entry for entry in log_history if f"eval_{metric}" in entry]
+    if not evaluations:
+        return {}
+    best = max(evaluations, key=lambda entry: entry[f"eval_{metric}"])
+    return {
+        key.removeprefix("eval_"): value for key, value in best.items() if key.startswith("eval_") or key == "epoch"
+    }
+
+
+def _epochs_trained(log_history: list[dict]) -> Optional[float]:
+    epochs = [entry["epoch"] for entry in log_history if "epoch" in entry]
+    return max(epochs) if epochs else None
+
+
+def _versions() -> dict:
+    return {
+        "peft_umema": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
+
+
+
+@contextlib.contextmanager
+def _datasets_progress(shown: bool):
+    """Show `datasets`' `Map` progress bars or not, inside a block (they are global switches)."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    if not shown:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
