@@ -19,9 +19,20 @@ setup(
         "torchmetrics>=1.4",
         "matplotlib>=3.7",
         "tqdm>=4.66",
+        # the calibration metrics as an `evaluate` module (peft_umema.evaluation.calibration_metric)
+        "evaluate>=0.4.6,<0.5",
+        # what laplace-torch, BackPACK and Curvlinops need (the `laplace` baseline); those three come with
+        # --no-deps from requirements-offline.txt, since their declared torchvision would replace this torch
+        "asdfghjkl==0.1a4",
+        "einops>=0.8",
+        "unfoldNd>=0.2",
+        "einconv>=0.1",
+        "linear_operator>=0.6",
+        "opt-einsum>=3.3",
+        "scipy>=1.12",
     ],
     extras_require={
-        # the offline demo backbones/data are installed with --no-deps from requirements-offline.txt
+        # the offline demo backbones/data and laplace-torch are installed with --no-deps from requirements-offline.txt
         "demo": ["gguf>=0.10"],
         "test": ["pytest>=8", "gguf>=0.10"],
     },

@@ -31,7 +31,7 @@ CHEAP_OPTIONS = {
     "ensemble": {"members": 2},
     "swag": {"start_epoch": 0.5, "samples": 3},
     "multiswag": {"start_epoch": 0.5, "samples": 2, "runs": 2},
-    "laplace": {"subset": "lora", "samples": 3},
+    "laplace": {"subset_of_weights": "lora", "n_samples": 3},
 }
 
 
@@ -184,9 +184,16 @@ def test_method_details_name_what_was_fitted(sequence_lora):
     assert adue.parameter_counts(fitted)[0] == lora_trainable + head.weight.numel() + head.bias.numel()
 
     _, _, laplace_details = details("laplace")
-    assert laplace_details["variant"] == "last_layer, kron Hessian, probit predictive"
-    assert laplace_details["options"] == {"subset": "last_layer", "samples": 20}
+    assert laplace_details["variant"] == "last_layer, kron Hessian (CurvlinopsGGN), glm/probit predictive"
+    assert laplace_details["options"] == {
+        "subset_of_weights": "last_layer", "hessian_structure": "kron", "backend": "CurvlinopsGGN",
+        "optimize_prior_precision": "marglik", "pred_type": "glm", "link_approx": "probit", "n_samples": 20,
+    }
     assert laplace_details["prior_precision"] > 0
+    # prior by NLL on dev, over laplace-torch's grid: one of its points
+    _, fitted, grid_details = details("laplace", {"hessian_structure": "diag", "optimize_prior_precision": "gridsearch"})
+    assert grid_details["variant"].startswith("last_layer, diag Hessian")
+    assert min(abs(np.log10(grid_details["prior_precision"]) - np.linspace(-4, 4, 21))) < 1e-5
 
     scaling, fitted, scaling_details = details("lora+ts")
     assert scaling_details["temperature"] == fitted.states["temperature"].temperature > 0
@@ -209,8 +216,13 @@ def test_options_are_checked(tmp_path):
         methods.configured_method("mcdropout", {"members": 2})
     with pytest.raises(ValueError, match="samples must be a positive integer"):
         methods.configured_method("swag", {"samples": 0})
-    with pytest.raises(ValueError, match="subset must be one of"):
-        methods.configured_method("laplace", {"subset": "everything"})
+    with pytest.raises(ValueError, match="subset_of_weights must be one of"):
+        methods.configured_method("laplace", {"subset_of_weights": "everything"})
+    with pytest.raises(ValueError, match='pred_type="nn" only'):
+        methods.configured_method("laplace", {"subset_of_weights": "lora", "pred_type": "glm"})
+    with pytest.raises(ValueError, match="optimize_prior_precision must be one of"):
+        methods.configured_method("laplace", {"optimize_prior_precision": "dev_nll"})
+    assert methods.configured_method("laplace", {"subset_of_weights": "lora"}).options.link_approx == "mc"
     with pytest.raises(ValueError, match="'lora' takes no options"):
         methods.configured_method("lora", {"samples": 2})
     with pytest.raises(FileNotFoundError, match="has no method_state.json"):

@@ -1,364 +1,504 @@
-"""Laplace approximations around a trained LoRA classifier (MacKay, 1992; Daxberger et al., 2021; Yang et al., 2024).
+"""Laplace approximations around a trained LoRA classifier, computed by `laplace-torch` (Daxberger et al., 2021;
+Yang et al., 2024 for LoRA).
 
-Written here rather than taken from `laplace-torch`, whose torchvision requirement pins torch to matching versions.
-Two posteriors, named by `subset`:
+The options are laplace-torch's own: `subset_of_weights`, `hessian_structure`, `backend`, `pred_type`,
+`link_approx`, `n_samples`, and prior tuning by `optimize_prior_precision(method="marglik" | "gridsearch")`. Two
+posteriors, named by `subset_of_weights`:
 
-- `"last_layer"`: a Gaussian over the classification head's weights (bias included), with the generalised
-  Gauss-Newton Hessian of the summed NLL either Kronecker-factored (`"kron"`: inputs x output curvature, as in K-FAC)
-  or diagonal (`"diag"`). Predictions use the probit approximation (logits / sqrt(1 + pi/8 var)) or MC samples of
-  the logits; both are closed form in the head's input features, so the backbone runs once per prediction.
-- `"lora"`: a diagonal Gaussian over all LoRA A/B weights of the active adapter, the Hessian being the diagonal
-  Fisher estimated with labels sampled from the model (one backward pass per example and sample), and predictions
-  averaging weight samples. The head stays at its trained value.
+- `"last_layer"`: laplace-torch's last-layer Laplace over the classification head (weight and bias). The head is
+  fitted on its input features, which we collect once per split; that is what laplace-torch cannot do on an HF
+  model by itself: decoder sequence classifiers run their head on every token and keep one per row, and token
+  classifiers carry -100 labels on padding and sub-word positions. `hessian_structure` "kron", "diag" or "full";
+  `pred_type` "glm" (link "probit", "mc", "bridge", "bridge_norm") or "nn" (link "mc").
+- `"lora"`: laplace-torch's `subset_of_weights="all"` over the LoRA A/B weights of one adapter (only they require
+  grad while laplace-torch runs; the head stays at its trained value). `hessian_structure` "kron" (K-FAC) or
+  "diag"; with some weights frozen laplace-torch predicts with `pred_type="nn"`, `link_approx="mc"` only. The model
+  sees labeled positions only while the Hessian is computed (each labeled token counts as one data point).
 
-The prior is N(0, 1/prior_precision); `optimize_prior_precision` picks it on a grid by the Laplace marginal
-likelihood of the training data or by NLL on a dev split.
+The Hessian backends are laplace-torch's GGN/EF classes by name; BackPack's fail when some grads are off, so
+Curvlinops (default) and Asdl ones are offered. What remains ours: the adaptation to HF batches described above,
+seeding the sampled predictives, and saving the fitted posterior as safetensors (laplace-torch pickles).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from .persistence import SafetensorsState, check_state_keys, check_state_shapes
+from .persistence import SafetensorsState
 from .prediction import (
     IGNORE_INDEX,
     Batches,
+    _concat_batches,
     adapter_parameter_groups,
     classification_head,
     collect_labels,
     collect_logits,
     labeled,
     model_device,
-    predict_with_weight_samples,
     prediction_mode,
+    seeded,
     split_batch,
     using_adapter,
 )
 
-SUBSETS = ("last_layer", "lora")
-HESSIAN_STRUCTURES = ("kron", "diag")
-PREDICTIVES = ("probit", "mc")
+if TYPE_CHECKING:
+    from laplace.baselaplace import BaseLaplace
+
+SUBSETS_OF_WEIGHTS = ("last_layer", "lora")
+HESSIAN_STRUCTURES = {"last_layer": ("kron", "diag", "full"), "lora": ("kron", "diag")}
+PRED_TYPES = ("glm", "nn")
+LINK_APPROXES = ("probit", "mc", "bridge", "bridge_norm")
+# laplace-torch's curvature classes that work with some weights frozen (BackPACK's do not)
+BACKENDS = ("CurvlinopsGGN", "AsdlGGN", "CurvlinopsEF", "AsdlEF")
+PRIOR_METHODS = ("marglik", "gridsearch")
+# Rows of head features per laplace-torch call: the GLM predictive forms [rows, C, P] Jacobians for "diag"/"full".
+LAST_LAYER_CHUNK = 256
+HEAD_NAME = "0"  # the head's name inside the one-layer network laplace-torch fits on features
+SCORED = "scored_positions"  # batch key of the labeled positions while the LoRA Hessian is computed
+INSTALL_HINT = (
+    "pip install --no-deps laplace-torch==0.3 backpack-for-pytorch==1.7.1 curvlinops-for-pytorch==3.0.1 "
+    "(listed in requirements-offline.txt; see the README)"
+)
+
+
+def _laplace_torch():
+    """laplace-torch's `Laplace` and its curvature module, imported when first needed so that the other baselines
+    work without it."""
+    try:
+        import laplace
+        import laplace.curvature
+    except ImportError as error:
+        raise ImportError(f"The `laplace` baseline needs laplace-torch: {INSTALL_HINT}") from error
+    return laplace.Laplace, laplace.curvature
 
 
 class LaplaceApproximation(SafetensorsState):
-    """A Laplace posterior over the classification head (`subset="last_layer"`) or the LoRA weights (`"lora"`)."""
+    """A laplace-torch posterior over the classification head (`subset_of_weights="last_layer"`) or the LoRA
+    weights (`"lora"`) of a peft classifier, fitted and evaluated on dict batches as the Trainer's collators give.
+
+    `pred_type` defaults to "glm" for the last layer and "nn" for LoRA; `link_approx` to "probit" for "glm" and
+    "mc" for "nn". Sampled predictives (`link_approx="mc"`) are seeded by `seed`, and with `pred_type="nn"` every
+    batch sees the same `n_samples` weight samples.
+    """
 
     def __init__(
         self,
-        subset: str = "last_layer",
+        subset_of_weights: str = "last_layer",
         hessian_structure: str = "kron",
         prior_precision: float = 1.0,
-        predictive: str = "probit",
-        num_samples: int = 30,
-        fisher_samples: int = 1,
+        pred_type: str | None = None,
+        link_approx: str | None = None,
+        n_samples: int = 30,
+        backend: str = "CurvlinopsGGN",
         adapter_name: str | None = None,
         seed: int = 0,
     ):
-        if subset not in SUBSETS:
-            raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
-        if hessian_structure not in HESSIAN_STRUCTURES:
-            raise ValueError(f"hessian_structure must be one of {HESSIAN_STRUCTURES}, got {hessian_structure!r}")
-        if predictive not in PREDICTIVES:
-            raise ValueError(f"predictive must be one of {PREDICTIVES}, got {predictive!r}")
-        if subset == "lora" and (hessian_structure, predictive) != ("diag", "mc"):
-            raise ValueError('subset="lora" supports hessian_structure="diag" with predictive="mc" only')
-        if num_samples < 1 or fisher_samples < 1:
-            raise ValueError(f"num_samples and fisher_samples must be >= 1, got {num_samples} and {fisher_samples}")
-        self._validate_prior_precision(prior_precision)
-        self.subset = subset
+        if subset_of_weights not in SUBSETS_OF_WEIGHTS:
+            raise ValueError(f"subset_of_weights must be one of {SUBSETS_OF_WEIGHTS}, got {subset_of_weights!r}")
+        structures = HESSIAN_STRUCTURES[subset_of_weights]
+        if hessian_structure not in structures:
+            raise ValueError(
+                f"hessian_structure must be one of {structures} with subset_of_weights={subset_of_weights!r}, "
+                f"got {hessian_structure!r}"
+            )
+        pred_type = pred_type or ("glm" if subset_of_weights == "last_layer" else "nn")
+        link_approx = link_approx or ("probit" if pred_type == "glm" else "mc")
+        if pred_type not in PRED_TYPES:
+            raise ValueError(f"pred_type must be one of {PRED_TYPES}, got {pred_type!r}")
+        if link_approx not in LINK_APPROXES:
+            raise ValueError(f"link_approx must be one of {LINK_APPROXES}, got {link_approx!r}")
+        if pred_type == "nn" and link_approx != "mc":
+            raise ValueError('pred_type="nn" samples weights: it takes link_approx="mc" only')
+        if subset_of_weights == "lora" and pred_type != "nn":
+            raise ValueError(
+                'subset_of_weights="lora" predicts with pred_type="nn" only (laplace-torch\'s GLM predictive needs '
+                "every weight of the model to require grad)"
+            )
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        _validate_prior_precision(prior_precision)
+        self.subset_of_weights = subset_of_weights
         self.hessian_structure = hessian_structure
         self.prior_precision = float(prior_precision)
-        self.predictive = predictive
-        self.num_samples = num_samples
-        self.fisher_samples = fisher_samples
+        self.pred_type = pred_type
+        self.link_approx = link_approx
+        self.n_samples = n_samples
+        self.backend = backend
         self.adapter_name = adapter_name
         self.seed = seed
-        self.log_likelihood: float | None = None  # summed over the training examples (tokens), at the MAP
-        self.num_data = 0
-        self.map_values: dict[str, torch.Tensor] = {}  # last layer: "weight"/"bias"; lora: parameter names
-        self.curvature: dict[str, torch.Tensor] = {}
-        self._kron_eigen: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.laplace: BaseLaplace | None = None  # laplace-torch's object, once fitted (or rebuilt after a load)
+        self._loaded_state: dict[str, torch.Tensor] | None = None  # a loaded state, until a model rebuilds it
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(subset={self.subset!r}, hessian_structure={self.hessian_structure!r}, "
-            f"prior_precision={self.prior_precision:.4g}, predictive={self.predictive!r})"
+            f"{type(self).__name__}(subset_of_weights={self.subset_of_weights!r}, "
+            f"hessian_structure={self.hessian_structure!r}, prior_precision={self.prior_precision:.4g}, "
+            f"pred_type={self.pred_type!r}, link_approx={self.link_approx!r})"
         )
+
+    @property
+    def variant(self) -> str:
+        return (
+            f"{self.subset_of_weights}, {self.hessian_structure} Hessian ({self.backend}), "
+            f"{self.pred_type}/{self.link_approx} predictive"
+        )
+
+    # fitting
 
     def fit(self, model: nn.Module, dataloader: Batches) -> None:
         """Compute the Hessian approximation at the trained weights over `dataloader` (the training split)."""
-        if self.subset == "last_layer":
-            self._fit_last_layer(model, dataloader)
+        if self.subset_of_weights == "last_layer":
+            features, labels = labeled(*_features_and_labels(model, dataloader))
+            self.laplace = self._new_last_layer_laplace(model)
+            batch_size = len(labels) if self.hessian_structure == "kron" else LAST_LAYER_CHUNK
+            # K-FAC on one batch is the exact Kronecker product of the summed factors; diag/full sum exactly per batch
+            self.laplace.fit(DataLoader(TensorDataset(features.double(), labels), batch_size=batch_size))
         else:
-            self._fit_lora(model, dataloader)
+            self.adapter_name = self.adapter_name or model.active_adapter
+            with self._lora_network(model) as network:
+                self.laplace = self._new_lora_laplace(network)
+                self.laplace.fit(_ScoredBatches(dataloader, model_device(model)))
+        self.laplace.prior_precision = self.prior_precision
+        self._loaded_state = None
 
     def log_marginal_likelihood(self, prior_precision: float | None = None) -> float:
-        """log p(D) ~ log p(D|theta*) + log p(theta*) + P/2 log 2pi - 1/2 log det(H + prior_precision I)."""
-        self._check_fitted()
-        delta = self.prior_precision if prior_precision is None else prior_precision
-        self._validate_prior_precision(delta)
-        eigenvalues = self._hessian_eigenvalues()
-        theta_norm = sum(float((value.double() ** 2).sum()) for value in self.map_values.values())
-        return (
-            self.log_likelihood
-            - 0.5 * delta * theta_norm
-            + 0.5 * eigenvalues.numel() * math.log(delta)
-            - 0.5 * float(torch.log(eigenvalues + delta).sum())
-        )
+        """laplace-torch's Laplace evidence of the training data at `prior_precision` (default the current one)."""
+        laplace = self._fitted()
+        value = self.prior_precision if prior_precision is None else prior_precision
+        _validate_prior_precision(value)
+        return float(laplace.log_marginal_likelihood(torch.tensor([float(value)], dtype=laplace._dtype)))
 
     def optimize_prior_precision(
         self,
         method: str = "marglik",
-        grid: Sequence[float] | torch.Tensor | None = None,
         model: nn.Module | None = None,
         dataloader: Batches | None = None,
+        n_steps: int = 100,
+        log_prior_prec_min: float = -4,
+        log_prior_prec_max: float = 4,
+        grid_size: int = 21,
     ) -> float:
-        """Set and return the grid value that maximises the marginal likelihood (`"marglik"`) or minimises the NLL
-        on `dataloader`, a dev split (`"dev_nll"`; with subset="lora" each grid point costs a full MC prediction)."""
-        self._check_fitted()
-        grid = torch.logspace(-4, 4, 81).tolist() if grid is None else [float(value) for value in grid]
-        if not grid:
-            raise ValueError("the prior precision grid is empty")
-        for value in grid:
-            self._validate_prior_precision(value)
-        if method == "marglik":
-            scores = [self.log_marginal_likelihood(value) for value in grid]
-        elif method == "dev_nll":
-            if model is None or dataloader is None:
-                raise ValueError('method="dev_nll" needs the model and a dev dataloader')
-            scores = [-nll for nll in self._dev_nlls(model, dataloader, grid)]
-        else:
-            raise ValueError(f'method must be "marglik" or "dev_nll", got {method!r}')
-        self.prior_precision = grid[max(range(len(grid)), key=scores.__getitem__)]
+        """Tune one (scalar) prior precision with laplace-torch and return it.
+
+        `"marglik"` maximises the marginal likelihood of the training data by gradient steps on its log
+        (`n_steps`); `"gridsearch"` picks, among `grid_size` values log-evenly spaced from 10^`log_prior_prec_min`
+        to 10^`log_prior_prec_max`, the one with the lowest NLL of this posterior's predictive on `dataloader`, a
+        dev split of `model`.
+        """
+        laplace = self._fitted()
+        options = {"pred_type": self.pred_type, "link_approx": self.link_approx, "n_samples": self.n_samples}
+        if method not in PRIOR_METHODS:
+            raise ValueError(f"method must be one of {PRIOR_METHODS}, got {method!r}")
+        if method == "gridsearch" and (model is None or dataloader is None):
+            raise ValueError('method="gridsearch" needs the model and a dev dataloader')
+        with warnings.catch_warnings():
+            # laplace-torch reminds callers to tune with the link_approx they predict with, which we pass
+            warnings.filterwarnings("ignore", message="By default `link_approx` is `probit`")
+            if method == "marglik":
+                laplace.optimize_prior_precision(
+                    method="marglik", n_steps=n_steps, prior_structure="scalar", **options
+                )
+            else:
+                grid = torch.logspace(log_prior_prec_min, log_prior_prec_max, grid_size, dtype=torch.float64)
+                self._choose_on_grid(model, dataloader, grid)
+        self.prior_precision = float(laplace.prior_precision.reshape(-1)[0])
         return self.prior_precision
 
+    def _choose_on_grid(self, model: nn.Module, dataloader: Batches, grid: torch.Tensor) -> None:
+        if len(grid) == 0:
+            raise ValueError("the prior precision grid is empty")
+        options = {"pred_type": self.pred_type, "link_approx": self.link_approx, "n_samples": self.n_samples}
+        if self.subset_of_weights == "last_layer":
+            features, labels = labeled(*_features_and_labels(model, dataloader))
+            val_loader = DataLoader(TensorDataset(features.double(), labels), batch_size=LAST_LAYER_CHUNK)
+            with seeded(self.seed, torch.device("cpu")):
+                self.laplace.optimize_prior_precision(
+                    method="gridsearch",
+                    val_loader=val_loader,
+                    log_prior_prec_min=math.log10(grid[0]),
+                    log_prior_prec_max=math.log10(grid[-1]),
+                    grid_size=len(grid),
+                    **options,
+                )
+            return
+        # LoRA: laplace-torch's grid search feeds its predictive the dev batches whole, which it cannot align with
+        # token labels; score each grid value with the same (laplace-torch) predictive through predict_proba
+        labels = collect_labels(dataloader)
+        nlls = []
+        for value in grid.tolist():
+            self.laplace.prior_precision = value
+            probs, flat_labels = labeled(self.predict_proba(model, dataloader), labels)
+            nlls.append(float(-probs.gather(1, flat_labels[:, None]).clamp_min(1e-12).log().mean()))
+        self.laplace.prior_precision = float(grid[min(range(len(grid)), key=nlls.__getitem__)])
+
+    # prediction
+
     def predict_proba(self, model: nn.Module, dataloader: Batches) -> torch.Tensor:
-        self._check_fitted()
-        if self.subset == "lora":
-            return self._lora_samples(model, dataloader, self.prior_precision).mean(0)
-        collected = collect_logits(model, dataloader, capture_features=True)
-        return self._last_layer_probs(collected.features, self.prior_precision)
+        """Predictive probabilities aligned with `collect_labels(dataloader)` ([N, C] or padded [N, T, C])."""
+        if self.subset_of_weights == "last_layer":
+            laplace = self._posterior(model)
+            features, _ = _features_and_labels(model, dataloader)
+            flat = features.reshape(-1, features.shape[-1]).double()
+            with seeded(self.seed, torch.device("cpu")):
+                probs = torch.cat(
+                    [
+                        self._call(laplace, flat[start : start + LAST_LAYER_CHUNK])
+                        for start in range(0, len(flat), LAST_LAYER_CHUNK)
+                    ]
+                )
+            return probs.reshape(*features.shape[:-1], -1).float()
+        laplace = self._posterior(model)
+        device = model_device(model)
+        parts = []
+        adapter = self.adapter_name or model.active_adapter
+        with using_adapter(model, adapter), prediction_mode(model), _kept_parameter_storage(laplace.params):
+            for batch in dataloader:
+                inputs, _ = split_batch(batch, device)
+                with seeded(self.seed, device), torch.no_grad():  # the same weight samples for every batch
+                    parts.append(self._call(laplace, inputs).float().cpu())
+        if not parts:
+            raise ValueError("the dataloader yielded no batches")
+        # positions a shorter batch lacks get uniform probabilities, the softmax of the zero logits others pad with
+        return _concat_batches(parts, parts[0].dim() == 3, 1.0 / parts[0].shape[-1])
+
+    def _call(self, laplace: BaseLaplace, inputs) -> torch.Tensor:
+        return laplace(inputs, pred_type=self.pred_type, link_approx=self.link_approx, n_samples=self.n_samples)
+
+    # persistence
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        self._check_fitted()
+        if self._loaded_state is not None:
+            return dict(self._loaded_state)
+        laplace = self._fitted()
+        laplace.prior_precision = self.prior_precision
+        full = laplace.state_dict()
         state = {
+            "mean": full["mean"].detach(),
+            "loss": torch.as_tensor(float(full["loss"]), dtype=torch.float64),
             "prior_precision": torch.tensor(self.prior_precision, dtype=torch.float64),
-            "log_likelihood": torch.tensor(self.log_likelihood, dtype=torch.float64),
-            "num_data": torch.tensor(self.num_data),
+            "n_data": torch.tensor(int(full["n_data"])),
+            "n_outputs": torch.tensor(int(full["n_outputs"])),
         }
-        state.update({f"map.{name}": value for name, value in self.map_values.items()})
-        state.update({f"curvature.{name}": value for name, value in self.curvature.items()})
+        if self.hessian_structure == "kron":
+            for block, factors in enumerate(full["H"]):
+                state.update({f"H.{block}.{index}": factor.detach() for index, factor in enumerate(factors)})
+        else:
+            state["H"] = full["H"].detach()
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a state saved with the same `subset` and `hessian_structure`."""
-        owner = f"{type(self).__name__}(subset={self.subset!r}, hessian_structure={self.hessian_structure!r})"
-        map_names = sorted(key[len("map.") :] for key in state if key.startswith("map."))
-        if self.subset == "last_layer":
-            if "weight" not in map_names or state["map.weight"].dim() != 2:
-                raise ValueError(f"{owner} state needs a 2-D `map.weight`")
-            num_classes, num_inputs = state["map.weight"].shape
-            num_inputs += "bias" in map_names
-            shapes = {"map.weight": state["map.weight"].shape}
-            if "bias" in map_names:
-                shapes["map.bias"] = torch.Size([num_classes])
-            if self.hessian_structure == "kron":
-                shapes["curvature.inputs"] = torch.Size([num_inputs, num_inputs])
-                shapes["curvature.outputs"] = torch.Size([num_classes, num_classes])
-            else:
-                shapes["curvature.diagonal"] = torch.Size([num_inputs, num_classes])
-        else:
-            shapes = {f"map.{name}": state[f"map.{name}"].shape for name in map_names}
-            shapes.update({f"curvature.{name}": state[f"map.{name}"].shape for name in map_names})
-        check_state_keys(state, set(shapes) | {"prior_precision", "log_likelihood", "num_data"}, owner)
-        check_state_shapes(state, shapes, owner)
-        self._validate_prior_precision(state["prior_precision"].item())
-        self.prior_precision = state["prior_precision"].item()
-        self.log_likelihood = state["log_likelihood"].item()
-        self.num_data = int(state["num_data"])
-        self.map_values = {name: state[f"map.{name}"].double() for name in map_names}
-        self._set_curvature(
-            {key[len("curvature.") :]: value.double() for key, value in state.items() if key.startswith("curvature.")}
-        )
-
-    # last layer
-
-    def _fit_last_layer(self, model: nn.Module, dataloader: Batches) -> None:
-        collected = collect_logits(model, dataloader, capture_features=True)
-        features, labels = labeled(collected.features, collected.labels)
-        head = classification_head(model)
-        self.map_values = {name: value.detach().double().cpu().clone() for name, value in head.state_dict().items()}
-        inputs = self._head_inputs(features)
-        logits = self._map_logits(inputs)
-        probs = logits.softmax(-1)
-        self.log_likelihood = -float(F.cross_entropy(logits, labels, reduction="sum"))
-        self.num_data = len(labels)
-        if self.hessian_structure == "kron":
-            # sum_n phi phi^T (x) Lambda_n  ~  (sum_n phi phi^T) (x) (sum_n Lambda_n) / N, Lambda = diag(p) - p p^T
-            self._set_curvature({"inputs": inputs.T @ inputs, "outputs": torch.diag(probs.sum(0)) - probs.T @ probs})
-        else:
-            # the exact GGN diagonal: entry (input i, class c) = sum_n phi_ni^2 p_nc (1 - p_nc)
-            self._set_curvature({"diagonal": (inputs**2).T @ (probs * (1 - probs))})
-
-    def _last_layer_probs(self, features: torch.Tensor, prior_precision: float) -> torch.Tensor:
-        inputs = self._head_inputs(features)
-        logits = self._map_logits(inputs)
-        if self.hessian_structure == "kron":
-            # in the eigenbases of both factors the posterior precision is diagonal: a_i g_j / N + prior
-            input_eigenvalues, input_basis, output_eigenvalues, output_basis = self._kron_eigen
-            precision = torch.outer(input_eigenvalues, output_eigenvalues) / self.num_data
-            # logit covariance = output_basis diag(rotated_variance) output_basis^T
-            rotated_variance = (inputs @ input_basis) ** 2 @ (1 / (precision + prior_precision))
-            variance = rotated_variance @ (output_basis**2).T
-        else:
-            variance = inputs**2 @ (1 / (self.curvature["diagonal"] + prior_precision))
-        if self.predictive == "probit":
-            return (logits / torch.sqrt(1 + math.pi / 8 * variance)).softmax(-1).float()
-        generator = torch.Generator().manual_seed(self.seed)
-        noise = torch.randn((self.num_samples, *logits.shape), generator=generator, dtype=logits.dtype)
-        if self.hessian_structure == "kron":
-            samples = logits + (rotated_variance.sqrt() * noise) @ output_basis.T
-        else:
-            samples = logits + variance.sqrt() * noise
-        return samples.softmax(-1).mean(0).float()
-
-    def _head_inputs(self, features: torch.Tensor) -> torch.Tensor:
-        """Features with a constant 1 appended when the head has a bias, so that weight and bias form one matrix."""
-        num_inputs = self.map_values["weight"].shape[1]
-        if features.shape[-1] != num_inputs:
-            raise ValueError(f"the model's head takes {features.shape[-1]} features, this Laplace state {num_inputs}")
-        features = features.double()
-        if "bias" not in self.map_values:
-            return features
-        return torch.cat([features, features.new_ones(*features.shape[:-1], 1)], dim=-1)
-
-    def _map_logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        weight = self.map_values["weight"]
-        if "bias" in self.map_values:
-            weight = torch.cat([weight, self.map_values["bias"][:, None]], dim=1)
-        return inputs @ weight.T
-
-    # LoRA weights
-
-    def _fit_lora(self, model: nn.Module, dataloader: Batches) -> None:
-        lora, _ = adapter_parameter_groups(model, self.adapter_name)
-        self.adapter_name = self.adapter_name or model.active_adapter
-        with using_adapter(model, self.adapter_name):
-            self._fit_lora_fisher(model, dataloader, lora)
-
-    def _fit_lora_fisher(self, model: nn.Module, dataloader: Batches, lora: dict[str, nn.Parameter]) -> None:
-        self.map_values = {name: param.detach().double().cpu().clone() for name, param in lora.items()}
-        fisher = {name: torch.zeros_like(value) for name, value in self.map_values.items()}
-        generator = torch.Generator().manual_seed(self.seed)
-        device = model_device(model)
-        log_likelihood, num_data = 0.0, 0
-        with prediction_mode(model), _requiring_grad(lora.values()), torch.enable_grad():
-            for batch in dataloader:
-                inputs, labels = split_batch(batch, device)
-                for row in range(len(labels)):
-                    row_inputs = {k: v[row : row + 1] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-                    keep = labels[row : row + 1] != IGNORE_INDEX
-                    if not keep.any():
-                        continue
-                    log_probs = model(**row_inputs).logits[keep.to(device)].log_softmax(-1)  # [positions, C]
-                    targets = labels[row : row + 1][keep].to(device)
-                    log_likelihood += float(log_probs.detach().gather(1, targets[:, None]).sum())
-                    num_data += len(targets)
-                    for sample in range(self.fisher_samples):
-                        drawn = torch.multinomial(log_probs.detach().exp().cpu(), 1, generator=generator).to(device)
-                        grads = torch.autograd.grad(
-                            log_probs.gather(1, drawn).sum(),
-                            list(lora.values()),
-                            retain_graph=sample < self.fisher_samples - 1,
-                        )
-                        for name, grad in zip(lora, grads, strict=True):
-                            fisher[name] += grad.detach().double().cpu() ** 2 / self.fisher_samples
-        if num_data == 0:
-            raise ValueError("the dataloader holds no labeled examples")
-        self.log_likelihood, self.num_data = log_likelihood, num_data
-        self._set_curvature(fisher)
-
-    def _lora_samples(self, model: nn.Module, dataloader: Batches, prior_precision: float) -> torch.Tensor:
-        lora, _ = adapter_parameter_groups(model, self.adapter_name)
-        found = {name: param.shape for name, param in lora.items()}
-        expected = {name: value.shape for name, value in self.map_values.items()}
-        if found != expected:
-            differing = sorted(name for name in found.keys() | expected.keys() if found.get(name) != expected.get(name))
-            raise ValueError(f"the model's LoRA weights do not match this Laplace state; differing: {differing[:5]}")
-        scales = {name: (fisher + prior_precision).rsqrt() for name, fisher in self.curvature.items()}
-        generator = torch.Generator().manual_seed(self.seed)
-        # drawn in name order, so a reloaded state (whose key order may differ) gives the same samples
-        samples = (
-            {
-                name: self.map_values[name]
-                + scales[name] * torch.randn(shape, generator=generator, dtype=torch.float64)
-                for name, shape in sorted(expected.items())
-            }
-            for _ in range(self.num_samples)
-        )
-        with using_adapter(model, self.adapter_name or model.active_adapter):
-            return predict_with_weight_samples(model, dataloader, lora, samples)
-
-    # shared
-
-    def _set_curvature(self, curvature: dict[str, torch.Tensor]) -> None:
-        """Store the Hessian factors; K-FAC's are eigendecomposed once here, not at every prediction or grid point."""
-        self.curvature = curvature
-        if self.hessian_structure == "kron":
-            input_eigenvalues, input_basis = torch.linalg.eigh(curvature["inputs"])
-            output_eigenvalues, output_basis = torch.linalg.eigh(curvature["outputs"])
-            self._kron_eigen = (
-                input_eigenvalues.clamp_min(0),
-                input_basis,
-                output_eigenvalues.clamp_min(0),
-                output_basis,
+        """Load a state saved with the same `subset_of_weights` and `hessian_structure`; the laplace-torch object is
+        rebuilt on the model at the first prediction."""
+        owner = f"{type(self).__name__}({self.variant})"
+        required = {"mean", "loss", "prior_precision", "n_data", "n_outputs"}
+        hessian_keys = {key for key in state if key == "H" or key.startswith("H.")}
+        expected_hessian = "K-FAC factors H.<block>.<factor>" if self.hessian_structure == "kron" else "H"
+        kron_keys = all(key.startswith("H.") for key in hessian_keys)
+        if (
+            not required <= state.keys()
+            or not hessian_keys
+            or (self.hessian_structure == "kron") != kron_keys
+            or state.keys() - required - hessian_keys
+        ):
+            raise ValueError(
+                f"{owner} state does not match: needs {sorted(required)} and {expected_hessian}, "
+                f"got {sorted(state)[:8]}"
             )
+        _validate_prior_precision(float(state["prior_precision"]))
+        self.prior_precision = float(state["prior_precision"])
+        self._loaded_state = dict(state)
+        self.laplace = None
 
-    def _hessian_eigenvalues(self) -> torch.Tensor:
-        if self.hessian_structure == "kron":
-            input_eigenvalues, _, output_eigenvalues, _ = self._kron_eigen
-            return torch.outer(input_eigenvalues, output_eigenvalues).flatten() / self.num_data
-        return torch.cat([value.flatten() for value in self.curvature.values()])
-
-    def _dev_nlls(self, model: nn.Module, dataloader: Batches, grid: list[float]) -> list[float]:
-        if self.subset == "last_layer":
-            collected = collect_logits(model, dataloader, capture_features=True)
-            labels = collected.labels
-            probs_per_value = (self._last_layer_probs(collected.features, value) for value in grid)
+    def _posterior(self, model: nn.Module) -> BaseLaplace:
+        """The fitted laplace-torch object, rebuilt on `model` from a loaded state if need be."""
+        if (
+            self._loaded_state is None
+            and self.subset_of_weights == "lora"
+            and self._fitted().model.model is not model
+        ):
+            self._loaded_state = self.state_dict()  # fitted on another model: rebuild on this one
+        if self._loaded_state is None:
+            laplace = self._fitted()
+        elif self.subset_of_weights == "last_layer":
+            laplace = self._new_last_layer_laplace(model)
+            self._load_into(laplace, self._loaded_state)
         else:
-            labels = collect_labels(dataloader)
-            probs_per_value = (self._lora_samples(model, dataloader, value).mean(0) for value in grid)
-        nlls = []
-        for probs in probs_per_value:
-            flat_probs, flat_labels = labeled(probs, labels)
-            nlls.append(float(F.nll_loss(flat_probs.clamp_min(1e-12).log(), flat_labels)))
-        return nlls
+            self.adapter_name = self.adapter_name or model.active_adapter
+            with self._lora_network(model) as network:
+                laplace = self._new_lora_laplace(network)
+                self._load_into(laplace, self._loaded_state)
+        if self._loaded_state is not None:
+            self.laplace, self._loaded_state = laplace, None
+        laplace.prior_precision = self.prior_precision
+        return laplace
 
-    def _check_fitted(self) -> None:
-        if self.log_likelihood is None:
+    def _load_into(self, laplace: BaseLaplace, state: dict[str, torch.Tensor]) -> None:
+        if state["mean"].numel() != laplace.n_params:
+            raise ValueError(
+                f"the model's {'head' if self.subset_of_weights == 'last_layer' else 'LoRA weights'} do not match "
+                f"this Laplace state: {laplace.n_params} parameters, the state has {state['mean'].numel()}"
+            )
+        dtype = laplace._dtype
+        if self.hessian_structure == "kron":
+            blocks: dict[int, dict[int, torch.Tensor]] = {}
+            for key, value in state.items():
+                if key.startswith("H."):
+                    _, block, index = key.split(".")
+                    blocks.setdefault(int(block), {})[int(index)] = value.to(dtype)
+            hessian = [[factors[index] for index in sorted(factors)] for _, factors in sorted(blocks.items())]
+        else:
+            hessian = state["H"].to(dtype)
+        laplace.load_state_dict(
+            {
+                "mean": state["mean"].to(dtype),
+                "H": hessian,
+                "loss": state["loss"].to(dtype),
+                "prior_mean": torch.tensor(0.0, dtype=dtype),
+                "prior_precision": torch.tensor([float(state["prior_precision"])], dtype=dtype),
+                "sigma_noise": torch.tensor(1.0, dtype=dtype),
+                "n_data": int(state["n_data"]),
+                "n_outputs": int(state["n_outputs"]),
+                "likelihood": "classification",
+                "temperature": 1.0,
+                "enable_backprop": False,
+                "cls_name": type(laplace).__name__,
+                "data": None,
+                "_last_layer_name": HEAD_NAME,
+            }
+        )
+
+    # building laplace-torch objects
+
+    def _new_last_layer_laplace(self, model: nn.Module) -> BaseLaplace:
+        """Last-layer Laplace over a float64 copy of the head, fed with the head's input features."""
+        head = classification_head(model)
+        copy = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, dtype=torch.float64)
+        with torch.no_grad():
+            copy.weight.copy_(head.weight)
+            if head.bias is not None:
+                copy.bias.copy_(head.bias)
+        laplace_class, curvature = _laplace_torch()
+        return laplace_class(
+            nn.Sequential(copy),
+            "classification",
+            subset_of_weights="last_layer",
+            hessian_structure=self.hessian_structure,
+            prior_precision=self.prior_precision,
+            backend=getattr(curvature, self.backend),
+            last_layer_name=HEAD_NAME,
+        )
+
+    def _new_lora_laplace(self, network: nn.Module) -> BaseLaplace:
+        # the labels of a batch are those of its labeled positions, so their count is the batch's number of data
+        # points (laplace-torch reads it from `dict_key_x`)
+        laplace_class, curvature = _laplace_torch()
+        return laplace_class(
+            network,
+            "classification",
+            subset_of_weights="all",
+            hessian_structure=self.hessian_structure,
+            prior_precision=self.prior_precision,
+            backend=getattr(curvature, self.backend),
+            dict_key_x="labels",
+            dict_key_y="labels",
+        )
+
+    @contextlib.contextmanager
+    def _lora_network(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The model as laplace-torch sees it, with only this adapter's LoRA weights requiring grad; the model's
+        mode, active adapter and grad flags come back afterwards."""
+        lora, _ = adapter_parameter_groups(model, self.adapter_name)
+        lora_ids = {id(param) for param in lora.values()}
+        with using_adapter(model, self.adapter_name or model.active_adapter), prediction_mode(model):
+            flags = {param: param.requires_grad for param in model.parameters()}
+            for param in model.parameters():
+                param.requires_grad_(id(param) in lora_ids)
+            try:
+                with torch.enable_grad():
+                    yield _LogitsNetwork(model)
+            finally:
+                for param, flag in flags.items():
+                    param.requires_grad_(flag)
+
+    def _fitted(self) -> BaseLaplace:
+        if self.laplace is None:
+            if self._loaded_state is not None:
+                raise RuntimeError("this Laplace state was loaded: predict_proba(model, ...) rebuilds it first")
             raise RuntimeError("the Laplace approximation is not fitted: call fit() or load() first")
+        return self.laplace
 
-    @staticmethod
-    def _validate_prior_precision(value: float) -> None:
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"prior precision must be a positive finite number, got {value}")
+
+class _LogitsNetwork(nn.Module):
+    """An HF classifier as a function of one dict batch, returning logits: all of them, or, when the batch carries
+    `SCORED`, those of the labeled positions (one row per position) to align with its flattened labels."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {name: value for name, value in batch.items() if name not in ("labels", SCORED)}
+        logits = self.model(**inputs).logits
+        return logits[batch[SCORED]] if SCORED in batch else logits
+
+
+class _Count:
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+
+class _ScoredBatches:
+    """Dict batches for laplace-torch: model inputs, the mask of labeled positions and their labels, on `device`.
+    `dataset` has the number of labeled positions as its length, the N laplace-torch scales the Hessian by."""
+
+    def __init__(self, dataloader: Batches, device: torch.device):
+        self.dataloader = dataloader
+        self.device = device
+        count = int((collect_labels(dataloader) != IGNORE_INDEX).sum())
+        if count == 0:
+            raise ValueError("the dataloader holds no labeled examples")
+        self.dataset = _Count(count)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in self.dataloader:
+            inputs, labels = split_batch(batch, self.device)
+            scored = (labels != IGNORE_INDEX).to(self.device)
+            if scored.any():
+                yield {**inputs, SCORED: scored, "labels": labels.to(self.device)[scored]}
+
+
+def _features_and_labels(model: nn.Module, dataloader: Batches) -> tuple[torch.Tensor, torch.Tensor]:
+    collected = collect_logits(model, dataloader, capture_features=True)
+    return collected.features, collected.labels
 
 
 @contextlib.contextmanager
-def _requiring_grad(parameters: Iterable[nn.Parameter]) -> Iterator[None]:
-    """Let autograd differentiate parameters a frozen (inference-mode) adapter may have switched off."""
+def _kept_parameter_storage(parameters: Iterable[nn.Parameter]) -> Iterator[None]:
+    """laplace-torch's sampling predictive leaves the parameters as views of its posterior mean; give them their
+    own storage back (same values) so that the model and the posterior never alias."""
     parameters = list(parameters)
-    flags = [param.requires_grad for param in parameters]
-    for param in parameters:
-        param.requires_grad_(True)
+    storages = [param.data for param in parameters]
     try:
         yield
     finally:
-        for param, flag in zip(parameters, flags, strict=True):
-            param.requires_grad_(flag)
+        for param, storage in zip(parameters, storages, strict=True):
+            param.data = storage
+
+
+def _validate_prior_precision(value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"prior precision must be a positive finite number, got {value}")
+

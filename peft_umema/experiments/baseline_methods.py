@@ -11,9 +11,9 @@ differs in a comparison is the uncertainty technique alone. Importing this modul
 - `multiswag`: `runs` SWAG runs under different seeds, `samples` weight samples each.
 - `adue`: LoRA's predictions, with AdUE's confidence (head fitted on dev); also reports the error-detection AUROC of
   the softmax response and of the Mahalanobis distance (fitted on train).
-- `laplace`: a Laplace posterior over the classification head (`subset="last_layer"`, K-FAC, probit predictive) or
-  over the LoRA weights (`subset="lora"`, diagonal Fisher, `samples` weight samples); prior precision by marginal
-  likelihood on train.
+- `laplace`: a laplace-torch posterior over the classification head (`subset_of_weights="last_layer"`, K-FAC GGN,
+  GLM predictive with the probit link) or over the LoRA weights (`"lora"`, K-FAC GGN, `n_samples` weight samples);
+  prior precision by marginal likelihood on train (laplace-torch's option names throughout).
 
 `lora+ts`, `mcdropout`, `adue` and `laplace` are post hoc (`PostHocMethod`): they start from a trained `lora` fit
 and leave it unchanged. So do `ensemble` (its member 0 is that fit) and `multiswag` (its run 0 is a `swag` fit with
@@ -41,6 +41,7 @@ from transformers import Trainer
 
 from ..baselines.adue import AdUE, MahalanobisDistance
 from ..baselines.ensemble import LoraEnsemble
+from ..baselines.laplace import PRIOR_METHODS as LAPLACE_PRIOR_METHODS
 from ..baselines.laplace import LaplaceApproximation
 from ..baselines.mc_dropout import MCDropout
 from ..baselines.persistence import SafetensorsState
@@ -126,20 +127,30 @@ class MultiSwagOptions(SwagOptions):
         _check_positive_integers(self, "runs")
 
 
-LAPLACE_SUBSETS = ("last_layer", "lora")
-
-
 @dataclasses.dataclass(frozen=True)
 class LaplaceOptions:
-    """`samples` are the weight samples of `subset="lora"`; the last-layer posterior predicts in closed form."""
+    """laplace-torch's options (see `baselines.laplace`): `subset_of_weights` "last_layer" (the head) or "lora" (the
+    LoRA weights), `hessian_structure`, the curvature `backend`, how to `optimize_prior_precision` ("marglik" on
+    train, "gridsearch" by NLL on dev), `pred_type` and `link_approx` (None: "glm"/"probit" for the last layer,
+    "nn"/"mc" for LoRA) and `n_samples` for the sampled predictives."""
 
-    subset: str = "last_layer"
-    samples: int = 20
+    subset_of_weights: str = "last_layer"
+    hessian_structure: str = "kron"
+    backend: str = "CurvlinopsGGN"
+    optimize_prior_precision: str = "marglik"
+    pred_type: Optional[str] = None
+    link_approx: Optional[str] = None
+    n_samples: int = 20
 
     def __post_init__(self):
-        if self.subset not in LAPLACE_SUBSETS:
-            raise ValueError(f"subset must be one of {LAPLACE_SUBSETS}, got {self.subset!r}.")
-        _check_positive_integers(self, "samples")
+        _check_positive_integers(self, "n_samples")
+        if self.optimize_prior_precision not in LAPLACE_PRIOR_METHODS:
+            raise ValueError(
+                f"optimize_prior_precision must be one of {LAPLACE_PRIOR_METHODS}, got {self.optimize_prior_precision!r}."
+            )
+        laplace = _laplace(self, seed=0)  # checks the combination, and fills in the default predictive
+        object.__setattr__(self, "pred_type", laplace.pred_type)
+        object.__setattr__(self, "link_approx", laplace.link_approx)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -530,39 +541,48 @@ class AdUEMethod(PostHocMethod):
 
 class LaplaceMethod(PostHocMethod):
     name = "laplace"
-    description = "LoRA with a Laplace posterior over the head (`subset=last_layer`) or the LoRA weights (`lora`)"
+    description = (
+        "LoRA with a laplace-torch posterior over the head (`subset_of_weights=last_layer`) or the LoRA weights "
+        "(`lora`)"
+    )
     options_class = LaplaceOptions
 
     def fit_on(self, base, setup):
         laplace = _laplace(self.options, setup.seed)
         laplace.fit(base.model, _batches(setup, setup.train_dataset))
-        laplace.optimize_prior_precision("marglik")
+        if self.options.optimize_prior_precision == "marglik":
+            laplace.optimize_prior_precision("marglik")
+        else:
+            laplace.optimize_prior_precision(
+                "gridsearch", model=base.model, dataloader=_batches(setup, setup.eval_dataset)
+            )
         return self.fitted_from(base, setup, {"laplace": laplace})
 
     def new_states(self, model, options, seed):
         return {"laplace": _laplace(options, seed)}
-
-    def prediction_passes(self, options):
-        return options.samples if options.subset == "lora" else 1
 
     def predict_outputs(self, fitted, batches):
         return {"probs": fitted.states["laplace"].predict_proba(fitted.model, batches)}
 
     def method_details(self, fitted, predictions):
         laplace = fitted.states["laplace"]
-        variant = f"{laplace.subset}, {laplace.hessian_structure} Hessian, {laplace.predictive} predictive"
         return {
             **super().method_details(fitted, predictions),
-            "variant": variant,
+            "variant": laplace.variant,
             "prior_precision": laplace.prior_precision,
         }
 
 
 def _laplace(options: LaplaceOptions, seed: int) -> LaplaceApproximation:
-    """Last layer: K-FAC with the closed-form probit predictive; LoRA weights: the one variant they support."""
-    if options.subset == "last_layer":
-        return LaplaceApproximation("last_layer", "kron", predictive="probit", seed=seed)
-    return LaplaceApproximation("lora", "diag", predictive="mc", num_samples=options.samples, seed=seed)
+    return LaplaceApproximation(
+        options.subset_of_weights,
+        options.hessian_structure,
+        pred_type=options.pred_type,
+        link_approx=options.link_approx,
+        n_samples=options.n_samples,
+        backend=options.backend,
+        seed=seed,
+    )
 
 
 BASELINE_METHODS = tuple(
