@@ -4,11 +4,21 @@
 `PeftConfig.from_pretrained` and `PeftModel.from_pretrained` work as for any built-in method.
 """
 
+from .training.callbacks import MemoryUpdateCallback
+from .training.trainer import UMEMATrainer
 from .tuner.config import UMEMAConfig
 from .tuner.model import UMEMAModel
 from .tuner.registration import register
+from .uncertainty.calibration import calibrate_uncertainty
 
 __version__ = "0.1.0"
-__all__ = ["UMEMAConfig", "UMEMAModel", "__version__"]
+__all__ = [
+    "UMEMAConfig",
+    "UMEMAModel",
+    "UMEMATrainer",
+    "MemoryUpdateCallback",
+    "calibrate_uncertainty",
+    "__version__",
+]
 
 register()

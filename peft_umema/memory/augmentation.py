@@ -27,9 +27,11 @@ class MemoryAugmentation(nn.Module):
         retrieval_temperature: float,
         gate_bias_init: float,
         token_level: bool,
+        top_k: Optional[int] = None,
     ):
         super().__init__()
         self.token_level = token_level
+        self.top_k = top_k
         self.retrieval_temperature = retrieval_temperature
         self.scale = math.sqrt(hidden_size)
         self.bank = MemoryBank(memory_size, hidden_size)
@@ -49,9 +51,16 @@ class MemoryAugmentation(nn.Module):
         tau = torch.full_like(query[:, 0], self.retrieval_temperature)
         if uncertainty is not None:
             tau = tau * (1 + F.softplus(self.uncertainty_sharpness) * uncertainty)
-        scores = query @ self.bank.keys.to(query.dtype).T / (self.scale * tau.unsqueeze(-1))
-        weights = torch.softmax(scores, -1)
-        return weights @ self.bank.values.to(query.dtype), weights
+        keys, values = self.bank.keys.to(query.dtype), self.bank.values.to(query.dtype)
+        scores = query @ keys.T / (self.scale * tau.unsqueeze(-1))
+        if self.top_k is None or self.top_k >= scores.shape[-1]:
+            weights = torch.softmax(scores, -1)
+            return weights @ values, weights
+        # sparse read: softmax over the k best slots only; the [B, k, d] gather replaces the dense [B, J] x [J, d]
+        best, slots = scores.topk(self.top_k, dim=-1)
+        top_weights = torch.softmax(best, -1)
+        read = (top_weights.unsqueeze(-1) * values[slots]).sum(1)
+        return read, torch.zeros_like(scores).scatter(-1, slots, top_weights)
 
     def fuse(
         self, hidden: torch.Tensor, read: torch.Tensor, uncertainty_memory: Optional[torch.Tensor]

@@ -47,8 +47,13 @@ class MemoryBank(nn.Module):
         self._pending_sum = batch if self._pending_sum is None else self._pending_sum + batch
         self.pending_writes += 1
 
-    def commit(self) -> bool:
-        """Write the pending batch summary into the oldest slot; returns whether a slot was written."""
+    def discard_pending(self) -> None:
+        """Drop what was queued since the last commit (the steps of a diverged run)."""
+        self._pending_sum, self.pending_writes = None, 0
+
+    def commit(self, step: int | None = None) -> bool:
+        """Write the pending batch summary into the oldest slot; returns whether a slot was written. A non-finite
+        summary (a diverged model) raises and leaves the bank untouched; `step` names the step in that message."""
         pending = self._pending_sum
         if pending is None:
             pending = torch.zeros(2 * self.dim + 1, device=self.keys.device)
@@ -60,14 +65,38 @@ class MemoryBank(nn.Module):
         if count == 0:
             return False
         key, value = pending[: self.dim] / count, pending[self.dim : 2 * self.dim] / count
+        if not bool(torch.isfinite(pending).all()):
+            where = f" at optimizer step {step}" if step is not None else ""
+            raise FloatingPointError(
+                f"The memory write{where} is not finite (NaN or inf): the model diverged. The bank was left "
+                "untouched; lower the learning rate or check the inputs, and restart from the last checkpoint."
+            )
         pointer = int(self.write_pointer)
-        keys, values = self.keys.clone(), self.values.clone()
-        keys[pointer] = key.to(keys)
-        values[pointer] = value.to(values)
-        self.keys, self.values = keys, values
-        self.write_pointer = torch.full_like(self.write_pointer, (pointer + 1) % self.memory_size)
-        self.fill_count = torch.full_like(self.fill_count, min(int(self.fill_count) + 1, self.memory_size))
+        with torch.no_grad():
+            self.keys[pointer].copy_(key)
+            self.values[pointer].copy_(value)
+            self.write_pointer.fill_((pointer + 1) % self.memory_size)
+            self.fill_count.fill_(min(int(self.fill_count) + 1, self.memory_size))
         return True
+
+    def check_state(self, prefix: str = "") -> None:
+        """Refuse a loaded bank that is not one this class could have written (shape, range, finiteness)."""
+        where = f"{prefix}bank" if prefix else "bank"
+        for name, tensor in (("keys", self.keys), ("values", self.values)):
+            if tensor.dim() != 2 or tuple(tensor.shape) != (self.memory_size, self.dim):
+                raise ValueError(f"{where}.{name} has shape {tuple(tensor.shape)}, expected "
+                                 f"({self.memory_size}, {self.dim}) = (memory_size, hidden size).")
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{where}.{name} holds NaN or inf values: the saved memory is corrupted. Re-save "
+                                 "the adapter from a healthy model, or call reset_memory() to start a fresh bank.")
+        for name, tensor, high in (("write_pointer", self.write_pointer, self.memory_size - 1),
+                                   ("fill_count", self.fill_count, self.memory_size)):
+            if tensor.dim() != 0 or tensor.dtype.is_floating_point:
+                raise ValueError(f"{where}.{name} must be an integer scalar, got shape {tuple(tensor.shape)} "
+                                 f"dtype {tensor.dtype}.")
+            if not 0 <= int(tensor) <= high:
+                raise ValueError(f"{where}.{name} = {int(tensor)} is outside [0, {high}] for a bank of "
+                                 f"{self.memory_size} slots: the saved memory is corrupted.")
 
     def extra_repr(self) -> str:
         return f"memory_size={self.memory_size}, dim={self.dim}"

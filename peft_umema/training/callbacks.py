@@ -25,7 +25,9 @@ class MemoryUpdateCallback(TrainerCallback):
       rank-averaged summary, so their banks stay identical;
     - at the start of training (and whenever `set_task` names a new task), selects the task embedding and starts
       a fresh bank if the task changed;
-    - adds `memory_fill`, `mean_confidence` and `mean_temperature` to every training log.
+    - stops training with a clear error when the loss became NaN or inf, before that step is checkpointed;
+    - adds `task_loss`, `confidence_loss`, `memory_fill`, `mean_confidence` and `mean_temperature` to every
+      training log.
 
     `UMEMATrainer` adds it automatically; with a plain `Trainer` pass `callbacks=[MemoryUpdateCallback()]`.
     """
@@ -54,13 +56,22 @@ class MemoryUpdateCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         tuner = find_umema_tuner(model)
         if tuner is not None:
-            tuner.commit_memory()
+            tuner.check_training_finite(state.global_step)
+            tuner.commit_memory(step=state.global_step)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if logs is not None and "loss" in logs:
+            logs.update(self.training_logs(model))
+
+    @staticmethod
+    def training_logs(model) -> dict:
+        """Loss terms, UM means (reduced across ranks; consumed by the first caller) and the memory fill."""
         tuner = find_umema_tuner(model)
-        if tuner is None or logs is None or "loss" not in logs:
-            return
-        logs.update(tuner.memory_stats())
-        logs.pop("memory_pending_writes", None)
-        logs.pop("memory_write_pointer", None)
-        logs.update(tuner.training_statistics.pop())
+        if tuner is None:
+            return {}
+        logs = tuner.training_log.pop()
+        try:
+            logs["memory_fill"] = tuner.memory_stats()["memory_fill"]
+        except KeyError:  # use_ema=False
+            pass
+        return logs

@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from peft import LoraConfig
 from peft.utils import PeftType
 
-SUPPORTED_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS")
+from ..constants import SUPPORTED_TASK_TYPES
+
 CONTEXT_POOLING_OPTIONS = ("auto", "mean", "last")
+# LoRA initialisations that only set the LoRA weights (tested); the others rewrite base weights or need data
+SUPPORTED_LORA_INITS = (True, False, "gaussian")
+# inherited LoRA variants UMEMA does not run: option -> value that means "off"
+UNSUPPORTED_LORA_OPTIONS = {
+    "use_dora": False,
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "velora_config": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "monteclora_config": None,
+    "layer_replication": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "use_bdlora": None,
+    "target_parameters": None,
+    "megatron_config": None,
+    "trainable_token_indices": None,
+    "lora_bias": False,
+}
 
 
 @dataclass
@@ -63,6 +87,13 @@ class UMEMAConfig(LoraConfig):
         default=-2.0,
         metadata={"help": "Initial bias of the fusion gate; negative = memory starts as a small supplement."},
     )
+    retrieval_top_k: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Read only the k best-matching slots (softmax over those k). None = dense read over all J slots "
+            "(paper). Worth it for banks of many thousand slots."
+        },
+    )
     context_pooling: Literal["auto", "mean", "last"] = field(
         default="auto",
         metadata={
@@ -81,6 +112,11 @@ class UMEMAConfig(LoraConfig):
         metadata={"help": "Dotted name of the ModuleList of transformer blocks. None = auto-detect."},
     )
 
+    base_model_type: Optional[str] = field(
+        default=None,
+        metadata={"help": "model_type of the backbone the adapter was created on (set automatically; checked on load)."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.UMEMA
@@ -90,6 +126,14 @@ class UMEMAConfig(LoraConfig):
                 f"UMEMAConfig(task_type={task!r}) is not supported: UMEMA calibrates classifiers, use "
                 f"task_type='SEQ_CLS' (sequence classification) or 'TOKEN_CLS' (token classification)."
             )
+        self._check_numbers()
+        if self.context_pooling not in CONTEXT_POOLING_OPTIONS:
+            raise ValueError(
+                f"UMEMAConfig(context_pooling={self.context_pooling!r}): choose one of {CONTEXT_POOLING_OPTIONS}."
+            )
+        self._check_lora_variant()
+
+    def _check_numbers(self) -> None:
         positive_ints = {
             "memory_size": self.memory_size,
             "num_tasks": self.num_tasks,
@@ -104,23 +148,44 @@ class UMEMAConfig(LoraConfig):
                 f"UMEMAConfig(propagation_layers={self.propagation_layers!r}): must be an integer >= 0 "
                 "(0 disables cross-layer propagation)."
             )
-        if self.guidance_dim is not None and (not isinstance(self.guidance_dim, int) or self.guidance_dim <= 0):
-            raise ValueError(f"UMEMAConfig(guidance_dim={self.guidance_dim!r}): must be a positive integer or None.")
+        for name in ("guidance_dim", "retrieval_top_k"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"UMEMAConfig({name}={value!r}): must be a positive integer or None.")
         if not isinstance(self.quantization_levels, int) or self.quantization_levels < 2:
             raise ValueError(
                 f"UMEMAConfig(quantization_levels={self.quantization_levels!r}): must be an integer >= 2."
             )
-        if not self.min_temperature > 0 or self.min_temperature >= 1:
+        for name in ("min_temperature", "retrieval_temperature", "confidence_loss_weight", "gate_bias_init"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"UMEMAConfig({name}={value!r}): must be a finite number.")
+        if not 0 < self.min_temperature < 1:
             raise ValueError(
                 f"UMEMAConfig(min_temperature={self.min_temperature!r}): must be in (0, 1) so that T can start at 1."
             )
-        if not self.retrieval_temperature > 0:
-            raise ValueError(f"UMEMAConfig(retrieval_temperature={self.retrieval_temperature!r}): must be > 0.")
-        if self.confidence_loss_weight < 0:
-            raise ValueError(f"UMEMAConfig(confidence_loss_weight={self.confidence_loss_weight!r}): must be >= 0.")
-        if self.context_pooling not in CONTEXT_POOLING_OPTIONS:
+        if not 1e-3 <= self.retrieval_temperature <= 1e3:
             raise ValueError(
-                f"UMEMAConfig(context_pooling={self.context_pooling!r}): choose one of {CONTEXT_POOLING_OPTIONS}."
+                f"UMEMAConfig(retrieval_temperature={self.retrieval_temperature!r}): must be in [1e-3, 1e3]; "
+                "outside it the retrieval softmax over- or underflows."
             )
-        if self.use_dora:
-            raise ValueError("UMEMAConfig(use_dora=True) is not supported; use plain LoRA adapters.")
+        if not 0 <= self.confidence_loss_weight <= 1e3:
+            raise ValueError(f"UMEMAConfig(confidence_loss_weight={self.confidence_loss_weight!r}): must be in "
+                             "[0, 1000].")
+        if abs(self.gate_bias_init) > 50:
+            raise ValueError(f"UMEMAConfig(gate_bias_init={self.gate_bias_init!r}): must be in [-50, 50] (the gate "
+                             "is sigmoid(...): beyond that it is stuck at 0 or 1).")
+
+    def _check_lora_variant(self) -> None:
+        for name, off in UNSUPPORTED_LORA_OPTIONS.items():
+            value = getattr(self, name, off)
+            if value != off and not (off in (None, False) and not value):
+                raise ValueError(
+                    f"UMEMAConfig({name}={value!r}) is not supported: UMEMA runs plain LoRA adapters; leave {name} at "
+                    f"its default ({off!r}) or use peft's LoraConfig for that variant."
+                )
+        init = self.init_lora_weights
+        if init not in SUPPORTED_LORA_INITS:
+            raise ValueError(
+                f"UMEMAConfig(init_lora_weights={init!r}) is not supported; use one of {list(SUPPORTED_LORA_INITS)}."
+            )

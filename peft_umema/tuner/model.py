@@ -1,17 +1,14 @@
 """The UMEMA tuner: peft's LoRA plus, per adapter, an Uncertainty Modeling and an External Memory module.
 
-`PeftModel.forward` calls the wrapped transformers model directly, so UM and EMA run from forward hooks on that
-model: a pre-hook reads the attention mask and labels, hooks on the embeddings and the last blocks read X and H_l,
-hooks around the classification head fuse the memory read into the head's input and divide its logits by the
-temperature. transformers' own pooling and loss then see calibrated logits, and the model stays a standard
-`AutoModelFor*` for the Trainer and pipelines.
+peft's SEQ_CLS / TOKEN_CLS wrappers call the tuner's `forward`, so UM and EMA run there (as peft's AdaLoRA adds its
+regulariser there): `forward.py` holds the per-call runtime, `attach.py` where each adapter's modules attach,
+`checks.py` what loading and saving refuse. Each adapter owns its UM and EMA modules and its memory bank, all saved in
+`adapter_model.safetensors`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import os
 from typing import Any, Optional
 
@@ -23,25 +20,19 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..memory.augmentation import MemoryAugmentation
-from ..uncertainty.estimator import (
-    UncertaintyEstimator,
-    UncertaintyState,
-    confidence_targets_loss,
-    masked_mean,
-)
-from .attach import find_head_name, find_layer_list, hidden_size_of, is_causal_lm
+from ..uncertainty.estimator import UncertaintyEstimator
+from .attach import resolve_attach_points
+from .checks import MODULES_ATTR, check_finite_state, check_loaded_state
 from .config import UMEMAConfig
-
-MODULES_ATTR = "umema_modules"
-OUTPUT_FIELDS = ("confidence", "aleatoric", "epistemic", "temperature")
-
-
-@functools.cache
-def _output_class_with_uncertainty(output_cls: type) -> type:
-    """A subclass of the model's output dataclass that declares our per-prediction fields, so DDP and other
-    pytree-based wrappers can rebuild it (they call the class with its declared fields only)."""
-    fields = [(name, Optional[torch.Tensor], dataclasses.field(default=None)) for name in OUTPUT_FIELDS]
-    return dataclasses.make_dataclass(f"UMEMA{output_cls.__name__}", fields, bases=(output_cls,))
+from .forward import (
+    CallState,
+    TrainingLog,
+    finish_outputs,
+    hooks_for,
+    joint_loss,
+    queue_memory_write,
+)
+from .quantization import prepare_quantized_layers
 
 
 class UMEMAModules(nn.Module):
@@ -72,6 +63,7 @@ class UMEMAModules(nn.Module):
                 retrieval_temperature=config.retrieval_temperature,
                 gate_bias_init=config.gate_bias_init,
                 token_level=token_level,
+                top_k=config.retrieval_top_k,
             )
             if config.use_ema
             else None
@@ -83,9 +75,9 @@ class UMEMAModel(LoraModel):
     """
     LoRA with Uncertainty Modeling and External Memory Augmentation (Ma et al., PLOS ONE 2026).
 
-    Created by `peft.get_peft_model(model, UMEMAConfig(...))` once `peft_umema` is imported. Each adapter owns its UM
-    and EMA modules and its memory bank, all saved in `adapter_model.safetensors`. Outputs carry calibrated `logits`
-    plus `confidence`, `aleatoric`, `epistemic` and `temperature` per example (SEQ_CLS) or per token (TOKEN_CLS).
+    Created by `peft.get_peft_model(model, UMEMAConfig(...))` once `peft_umema` is imported. Outputs carry calibrated
+    `logits` plus `confidence`, `aleatoric`, `epistemic` and `temperature` per example (SEQ_CLS) or per token
+    (TOKEN_CLS); with `labels`, `loss` is the joint UMEMA objective.
 
     Training forward passes queue memory writes; `commit_memory()` writes them as one slot after the backward
     pass. `MemoryUpdateCallback` (added by `UMEMATrainer`) calls it after every optimizer step; custom loops call
@@ -96,9 +88,10 @@ class UMEMAModel(LoraModel):
     uses_shared_state = True
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
+        self.__dict__["attach_points"] = {}
+        self.__dict__["_umema_enabled"] = True
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
-        self.last_loss_terms: dict[str, float] = {}
-        self.training_statistics = _RunningMeans()
+        self.training_log = TrainingLog()
 
     # ------------------------------------------------------------------------------------------------------------
     # adapter life cycle
@@ -112,33 +105,22 @@ class UMEMAModel(LoraModel):
         state_dict: Optional[dict[str, torch.Tensor]] = None,
     ) -> None:
         config = self.peft_config[adapter_name]
-        head_name = find_head_name(model, config.head_module_name)
-        self._check_label_count(model)
+        points = resolve_attach_points(model, config)
+        if config.base_model_type is None:
+            config.base_model_type = getattr(model.config, "model_type", None)
+        prepare_quantized_layers(model)
         if MODULES_ATTR not in self._modules:
             self.umema_modules = nn.ModuleDict()
-            self.__dict__["_umema_hooks"] = _ForwardHooks(self)
         super().inject_adapter(
             model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
             low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict,
         )
-        modules = UMEMAModules(config, hidden_size_of(model.config))
+        modules = UMEMAModules(config, points.hidden_size)
         if not any(p.is_meta for p in modules.parameters()):  # meta under low_cpu_mem_usage: filled on load
-            modules.to(next(getattr(model, head_name).parameters()).device)
+            modules.to(next(model.get_submodule(points.head_name).parameters()).device)
         modules.requires_grad_(not config.inference_mode)
         self.umema_modules[adapter_name] = modules
-        self.__dict__["_umema_hooks"].attach(model, config, head_name)
-
-    @staticmethod
-    def _check_label_count(model: nn.Module) -> None:
-        num_labels = getattr(model.config, "num_labels", None)
-        if num_labels is None or num_labels < 2 or getattr(model.config, "problem_type", None) not in (
-            None, "single_label_classification",
-        ):
-            raise ValueError(
-                f"UMEMA calibrates single-label classifiers with >= 2 labels; this model has num_labels={num_labels}"
-                f" and problem_type={getattr(model.config, 'problem_type', None)!r}. Load the backbone with "
-                "num_labels=<number of classes> and no regression/multi-label problem_type."
-            )
+        self.attach_points[adapter_name] = points
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
@@ -154,30 +136,75 @@ class UMEMAModel(LoraModel):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         del self.umema_modules[adapter_name]
+        self.attach_points.pop(adapter_name, None)
 
     def enable_adapter_layers(self) -> None:
         super().enable_adapter_layers()
-        self._umema_hooks.enabled = True
+        self._umema_enabled = True
 
     def disable_adapter_layers(self) -> None:
         super().disable_adapter_layers()
-        self._umema_hooks.enabled = False
+        self._umema_enabled = False
 
     @contextlib.contextmanager
     def umema_disabled(self):
         """Run LoRA alone (no UM, no EMA, no calibration) inside this block, e.g. to compare with the LoRA part."""
-        previous = self._umema_hooks.bypass
-        self._umema_hooks.bypass = True
+        previous = self._umema_enabled
+        self._umema_enabled = False
         try:
             yield
         finally:
-            self._umema_hooks.bypass = previous
+            self._umema_enabled = previous
 
     def _unload_and_optionally_merge(self, *args, **kwargs):
         """`merge_and_unload()` / `unload()` return a plain transformers model: LoRA merged (or dropped), UM and EMA
-        removed with their hooks. Use `merge_adapter()` to merge LoRA in place and keep UM and EMA."""
-        self._umema_hooks.detach()
+        removed. Use `merge_adapter()` to merge LoRA in place and keep UM and EMA."""
         return super()._unload_and_optionally_merge(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # forward: UM and EMA around the transformers model (see forward.py)
+    # ------------------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError("UMEMA runs one adapter per batch; mixed-adapter batches (adapter_names=...) are not "
+                             "supported. Call set_adapter(name) instead.")
+        with super()._enable_peft_forward_hooks(*args, **kwargs):
+            yield
+
+    def forward(self, *args, **kwargs):
+        if not self._umema_enabled:
+            return super().forward(*args, **kwargs)
+        name = self._single_active_adapter()
+        labels = kwargs.pop("labels", None)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        inputs_embeds = kwargs.get("inputs_embeds")
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if reference is None:
+            raise ValueError("A UMEMA model needs input_ids or inputs_embeds.")
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(reference.shape[:2], dtype=torch.bool, device=reference.device)
+        call = CallState(
+            modules=self.umema_modules[name], config=self.peft_config[name], points=self.attach_points[name],
+            mask=mask.bool(), input_ids=input_ids, inputs_embeds=inputs_embeds,
+        )
+        with hooks_for(self.model, call):
+            output = super().forward(*args, **kwargs)
+        output = finish_outputs(call, output)
+        terms = None
+        if labels is not None:
+            if not hasattr(output, "keys"):  # return_dict=False: a tuple whose first item is the logits
+                terms = joint_loss(call, {"logits": output[0]}, labels, num_items_in_batch)
+                output = (terms.loss,) + tuple(output)
+            else:
+                terms = joint_loss(call, output, labels, num_items_in_batch)
+                output["loss"] = terms.loss
+        if self.model.training and torch.is_grad_enabled():
+            queue_memory_write(call)
+            self.training_log.add(call, output, terms)
+        return output
 
     # ------------------------------------------------------------------------------------------------------------
     # memory bank
@@ -194,13 +221,25 @@ class UMEMAModel(LoraModel):
             raise ValueError(f"UMEMA runs one adapter at a time, but {active} are active; call set_adapter(name).")
         return active[0]
 
-    def commit_memory(self, adapter_name: Optional[str] = None) -> int:
+    def commit_memory(self, adapter_name: Optional[str] = None, step: Optional[int] = None) -> int:
         """Write what training forward passes queued since the last commit as one FIFO slot per adapter. Call it
         after `optimizer.step()` in custom loops; returns the number of slots written. Under torch.distributed
-        every rank must call it at the same step."""
+        every rank must call it at the same step. A non-finite write raises (naming `step`) and writes nothing."""
         names = [adapter_name] if adapter_name else list(self.umema_modules)
         memories = [self.umema_modules[name].memory for name in names]
-        return sum(memory.bank.commit() for memory in memories if memory is not None)
+        return sum(memory.bank.commit(step) for memory in memories if memory is not None)
+
+    def check_training_finite(self, step: Optional[int] = None) -> None:
+        """Raise if a training loss since the last call was NaN or inf, before anything diverged is saved."""
+        if self.training_log.diverged():
+            for modules in self.umema_modules.values():
+                if modules.memory is not None:
+                    modules.memory.bank.discard_pending()
+            where = f" at optimizer step {step}" if step is not None else ""
+            raise FloatingPointError(
+                f"Training diverged{where}: the loss became NaN or inf. Nothing was saved from this step on; lower the "
+                "learning rate (or raise max_grad_norm clipping), check the data for empty rows, and restart."
+            )
 
     def reset_memory(self, adapter_name: Optional[str] = None) -> None:
         """A fresh Xavier-initialised bank (the paper re-initialises memory when a new task starts)."""
@@ -250,12 +289,14 @@ class UMEMAModel(LoraModel):
         if isinstance(tuner, UMEMAModel) and not (dist.is_available() and dist.is_initialized()):
             # a checkpoint taken right after a training step must not lose that step's memory write
             tuner.commit_memory(adapter_name)
-        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        adapter_state = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        check_finite_state(adapter_state, "save")
+        return adapter_state
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        _check_loaded_state(model, config, adapter_name, remapped)
+        check_loaded_state(model, config, adapter_name, remapped)
         return remapped
 
     def export_lora(self, output_dir: str, adapter_name: Optional[str] = None) -> str:
@@ -273,277 +314,3 @@ class UMEMAModel(LoraModel):
         lora_config.save_pretrained(output_dir)
         save_file(state, os.path.join(output_dir, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
         return output_dir
-
-
-def _check_loaded_state(model: nn.Module, config, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
-    """peft reports only missing keys that contain `lora_`; check UM/EMA and head keys ourselves, with messages
-    that name the mismatching quantity."""
-    model_state = model.state_dict()
-    marker = f"{MODULES_ATTR}.{adapter_name}."
-    missing = [k for k in model_state if marker in k and k not in state_dict]
-    if missing:
-        raise ValueError(
-            f"The adapter file for {adapter_name!r} lacks {len(missing)} UMEMA tensors (e.g. "
-            f"{missing[0].split(marker, 1)[1]!r}): it is corrupted, truncated, or was saved without "
-            f"use_um={config.use_um} / use_ema={config.use_ema}. Re-save it with save_pretrained()."
-        )
-    mismatches = [
-        (key, tuple(tensor.shape), tuple(model_state[key].shape))
-        for key, tensor in state_dict.items()
-        if key in model_state and tuple(model_state[key].shape) != tuple(tensor.shape)
-    ]
-    # report the quantity a user can act on first: memory size, hidden size, label count, then anything else
-    for key, saved, current in mismatches:
-        if key.endswith(("bank.keys", "bank.values")):
-            if saved[0] != current[0]:
-                raise ValueError(f"Memory size mismatch: the adapter's bank has {saved[0]} slots, the config "
-                                 f"asks for memory_size={current[0]}. Use the adapter's own adapter_config.json.")
-            raise ValueError(f"Hidden size mismatch: the adapter's memory bank has hidden size {saved[1]}, the "
-                             f"base model has {current[1]}. Load the adapter onto the base model it was trained on.")
-    for key, saved, current in mismatches:
-        if "modules_to_save" in key and saved[0] != current[0]:
-            raise ValueError(f"Label count mismatch: the adapter's classification head has {saved[0]} labels, the "
-                             f"base model has {current[0]}. Load the base model with num_labels={saved[0]}.")
-    if mismatches:
-        key, saved, current = mismatches[0]
-        raise ValueError(f"Shape mismatch for {key}: the adapter has {saved}, the model has {current}. The adapter "
-                         "was trained on a different base model or configuration.")
-
-
-class _RunningMeans:
-    """Means of per-position training outputs since the last `pop()`, for the training log."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, **values: torch.Tensor) -> None:
-        for name, value in values.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value.float().sum())
-            self.counts[name] = self.counts.get(name, 0) + value.numel()
-
-    def pop(self) -> dict[str, float]:
-        means = {f"mean_{k}": self.sums[k] / max(self.counts[k], 1) for k in self.sums}
-        self.sums, self.counts = {}, {}
-        return means
-
-
-class _ForwardHooks:
-    """Per-call plumbing between the transformers model's forward and the active adapter's UM/EMA modules.
-
-    Hook functions are closures (never bound methods) so peft's deepcopy of the head for `modules_to_save` cannot
-    drag the tuner along, and each checks it fires on the module it was installed on.
-    """
-
-    def __init__(self, tuner: UMEMAModel):
-        self.tuner = tuner
-        self.enabled = True
-        self.bypass = False
-        self.handles: list = []
-        self.hooked: dict[str, nn.Module] = {}
-        self.model: Optional[nn.Module] = None
-        self.head_name = ""
-        self.call: dict[str, Any] = {}
-
-    # -- installation -------------------------------------------------------------------------------------------------
-    def attach(self, model: nn.Module, config: UMEMAConfig, head_name: str) -> None:
-        if self.model is None:
-            self.model = model
-            self.head_name = head_name
-            self.causal = is_causal_lm(model.config)
-            self.pad_token_id = getattr(model.config, "pad_token_id", None)
-            self.handles.append(model.register_forward_pre_hook(self._model_pre_hook(), with_kwargs=True))
-            self.handles.append(model.register_forward_hook(self._model_post_hook(), with_kwargs=True))
-        self.num_layers_needed = max(
-            [max(c.propagation_layers, 1) for c in self.tuner.peft_config.values() if c.use_um] + [0]
-        )
-        self.layers = find_layer_list(model, config.layers_module_name)
-
-    def detach(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-        self.hooked.clear()
-        self.model = None
-
-    def _refresh_module_hooks(self) -> None:
-        """peft may wrap or replace the head and embeddings after injection; hook whatever is there now."""
-        wanted = {"head": getattr(self.model, self.head_name)}
-        if self.num_layers_needed:
-            wanted["embeddings"] = self.model.get_input_embeddings()
-            for i, block in enumerate(list(self.layers)[-self.num_layers_needed :]):
-                wanted[f"block{i}"] = block
-        if all(self.hooked.get(k) is m for k, m in wanted.items()) and len(self.hooked) == len(wanted):
-            return
-        for handle in self.handles[2:]:
-            handle.remove()
-        del self.handles[2:]
-        self.hooked = wanted
-        for key, module in wanted.items():
-            if key == "head":
-                self.handles.append(module.register_forward_pre_hook(self._head_pre_hook(module)))
-                self.handles.append(module.register_forward_hook(self._head_post_hook(module)))
-            else:
-                self.handles.append(module.register_forward_hook(self._capture_hook(module, key)))
-
-    # -- hooks ----------------------------------------------------------------------------------------------------------
-    def _active(self) -> bool:
-        return self.enabled and not self.bypass and self.model is not None
-
-    def _model_pre_hook(self):
-        def hook(module, args, kwargs):
-            self.call = {}
-            if not self._active():
-                return None
-            name = self.tuner._single_active_adapter()
-            modules = self.tuner.umema_modules[name]
-            self._refresh_module_hooks()
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            mask = kwargs.get("attention_mask")
-            reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-            if mask is None:
-                mask = torch.ones(reference.shape[:2], dtype=torch.bool, device=reference.device)
-            self.call = {
-                "adapter": name,
-                "modules": modules,
-                "config": self.tuner.peft_config[name],
-                "input_ids": input_ids,
-                "mask": mask.bool(),
-                "labels": kwargs.get("labels"),
-                "num_items_in_batch": kwargs.get("num_items_in_batch"),
-                "inputs_embeds": kwargs.get("inputs_embeds"),
-                "states": {},
-            }
-            return None
-
-        return hook
-
-    def _capture_hook(self, target: nn.Module, key: str):
-        def hook(module, args, output):
-            if module is target and self.call:
-                self.call["states"][key] = output[0] if isinstance(output, (tuple, list)) else output
-
-        return hook
-
-    def _head_pre_hook(self, target: nn.Module):
-        def hook(module, args):
-            if module is not target or not self.call or "head_done" in self.call:
-                return None
-            self.call["head_done"] = True
-            return (self._augment(args[0]),) + tuple(args[1:])
-
-        return hook
-
-    def _head_post_hook(self, target: nn.Module):
-        def hook(module, args, output):
-            temperature = self.call.get("temperature") if module is target else None
-            if temperature is None:
-                return None
-            shape = temperature.shape + (1,) * (output.dim() - temperature.dim())
-            return output / temperature.reshape(shape).to(output.dtype)
-
-        return hook
-
-    def _model_post_hook(self):
-        def hook(module, args, kwargs, output):
-            call, self.call = self.call, {}
-            if not call or "head_done" not in call or not hasattr(output, "keys"):
-                return None
-            if "uncertainty" in call:
-                output = _output_class_with_uncertainty(type(output))(**output)
-            self._attach_outputs(call, output)
-            if call["labels"] is not None and output.get("loss") is not None:
-                self._add_confidence_loss(call, output)
-            if module.training and torch.is_grad_enabled():
-                if "fused_summary" in call:
-                    call["modules"].memory.queue_write(call["fused_summary"], call.get("uncertainty_memory"))
-                if "confidence" in output:
-                    valid = call["mask"] if output["confidence"].dim() == 2 else slice(None)
-                    self.tuner.training_statistics.add(
-                        confidence=output["confidence"].detach()[valid], temperature=output["temperature"].detach()[valid]
-                    )
-            return output
-
-        return hook
-
-    # -- UM + EMA around the head -------------------------------------------------------------------------------------
-    def _pool_index(self) -> torch.Tensor:
-        """The position transformers' decoder classifiers pool: the rightmost non-pad token."""
-        input_ids, mask = self.call["input_ids"], self.call["mask"]
-        tokens = (input_ids != self.pad_token_id) if (input_ids is not None and self.pad_token_id is not None) else mask
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        return (positions * tokens.long()).argmax(-1)
-
-    def _summary(self, hidden: torch.Tensor, pooling: str) -> torch.Tensor:
-        if hidden.dim() == 2:
-            return hidden
-        if pooling == "last":
-            return hidden[torch.arange(hidden.shape[0], device=hidden.device), self._pool_index()]
-        return masked_mean(hidden, self.call["mask"])
-
-    def _augment(self, head_input: torch.Tensor) -> torch.Tensor:
-        call, modules, config = self.call, self.call["modules"], self.call["config"]
-        mask, states = call["mask"], call["states"]
-        token_level = getattr(config.task_type, "value", config.task_type) == "TOKEN_CLS"
-        pooling = config.context_pooling if config.context_pooling != "auto" else ("last" if self.causal else "mean")
-        state: Optional[UncertaintyState] = None
-        if modules.uncertainty is not None:
-            embeddings = states.get("embeddings", call["inputs_embeds"])
-            blocks = [states[k] for k in sorted((k for k in states if k.startswith("block")), key=lambda k: int(k[5:]))]
-            task_ids = modules.task_id.expand(mask.shape[0])
-            state = modules.uncertainty(embeddings, blocks[0], blocks[-config.propagation_layers :]
-                                        if config.propagation_layers else [], mask, task_ids)
-            call["uncertainty"] = state
-            call["uncertainty_memory"] = state.memory
-            call["temperature"] = modules.uncertainty.temperature(state)
-        if modules.memory is None:
-            return head_input
-        dtype = modules.memory.query_proj.weight.dtype
-        hidden = head_input.to(dtype)
-        if hidden.dim() == 3:
-            summary = self._summary(hidden, pooling)
-        else:  # the model pooled already (e.g. BERT's pooler): summarise the last block's tokens
-            last = states.get(f"block{self.num_layers_needed - 1}") if self.num_layers_needed else None
-            summary = masked_mean(last.to(dtype), mask) if last is not None else hidden
-        uncertainty_memory = state.memory if state is not None else None
-        query = modules.memory.query(summary, uncertainty_memory)
-        read, _ = modules.memory.retrieve(query, state.total if state is not None else None)
-        fused = modules.memory.fuse(hidden, read, uncertainty_memory)
-        if fused.dim() == 2:
-            call["fused_summary"] = fused
-        elif token_level:
-            call["fused_summary"] = masked_mean(fused, mask)
-        else:
-            call["fused_summary"] = self._summary(fused, "last" if self.causal else pooling)
-        return fused.to(head_input.dtype)
-
-    def _attach_outputs(self, call: dict, output) -> None:
-        state: Optional[UncertaintyState] = call.get("uncertainty")
-        if state is None:
-            return
-        logits = output["logits"]
-        if logits.dim() == 3:  # token task: per-token values
-            values = (state.token_confidence, state.token_aleatoric, state.token_epistemic, call["temperature"])
-        else:
-            values = (state.sequence_confidence, state.aleatoric, state.epistemic, call["temperature"])
-        confidence = call["modules"].uncertainty.reported_confidence(values[0], logits.detach())
-        for name, value in zip(OUTPUT_FIELDS, (confidence,) + values[1:]):
-            output[name] = value
-
-    def _add_confidence_loss(self, call: dict, output) -> None:
-        """loss = CE(calibrated logits) + lambda_c * BCE(confidence, correct), normalised like the CE term."""
-        config, labels, logits = call["config"], call["labels"], output["logits"]
-        task_loss = output["loss"]
-        if "confidence" not in output or config.confidence_loss_weight == 0:
-            self.tuner.last_loss_terms = {"task_loss": float(task_loss.detach())}
-            return
-        correct = (logits.detach().argmax(-1) == labels).float()
-        valid = labels != -100
-        total, count = confidence_targets_loss(output["confidence"], correct, valid)
-        denominator = call["num_items_in_batch"] if call["num_items_in_batch"] is not None else count.clamp_min(1)
-        confidence_loss = total / torch.as_tensor(denominator, device=total.device).to(total.dtype)
-        output["loss"] = task_loss + config.confidence_loss_weight * confidence_loss
-        self.tuner.last_loss_terms = {
-            "task_loss": float(task_loss.detach()),
-            "confidence_loss": float(confidence_loss.detach()),
-        }

@@ -10,7 +10,8 @@ from peft import PeftModel
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType, register_peft_method
 
-PEFT_TYPE_NAME = "UMEMA"
+from .checks import PEFT_TYPE_NAME
+
 MODEL_CARD_SECTION = """
 ## UMEMA adapter
 
@@ -64,6 +65,7 @@ def _with_umema_model_card(create_or_update_model_card):
 
 
 def register() -> None:
+    from .checks import install_file_checks
     from .config import UMEMAConfig
     from .model import UMEMAModel
 
@@ -72,3 +74,4 @@ def register() -> None:
         register_peft_method(name="umema", config_cls=UMEMAConfig, model_cls=UMEMAModel, prefix="lora_")
     if not getattr(PeftModel.create_or_update_model_card, "_umema_wrapped", False):
         PeftModel.create_or_update_model_card = _with_umema_model_card(PeftModel.create_or_update_model_card)
+    install_file_checks()

@@ -116,6 +116,8 @@ class UncertaintyEstimator(nn.Module):
         x = self.embedding_norm(embeddings)
         domain = masked_mean(x, mask)
         semantic = x.masked_fill(~mask.unsqueeze(-1), torch.finfo(x.dtype).min).amax(1)
+        # a row without any valid token (all padding) has no maximum: use 0, not the fill value (it overflows)
+        semantic = torch.where(mask.any(1, keepdim=True), semantic, torch.zeros_like(semantic))
         task = self.task_embedding(task_ids)
         fused = (
             self.domain_proj(domain)
