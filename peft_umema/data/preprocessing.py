@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Optional
 
 import numpy as np
 from datasets import Dataset, DatasetDict
 
-from .loaders import SEQ_CLS, stratification_keys, stratified_sample, task_type_of
+from .loaders import stratification_keys, stratified_sample
+from .schema import IGNORE_INDEX, LABEL, SEQ_CLS, TAGS, TEXT, TEXT_PAIR, TOKENS, DataSchema, schema_of
 
-IGNORE_INDEX = -100
+__all__ = [
+    "IGNORE_INDEX",
+    "CORRUPTION_MODES",
+    "prepare_tokenizer",
+    "tokenize_dataset",
+    "tokenize_sequence_classification",
+    "tokenize_token_classification",
+    "k_shot_subset",
+    "corrupt_missing",
+]
+# A newline between the two texts of a pair, for tokenizers whose pair encoding puts nothing between them (GPT-2,
+# SmolLM2): glued together, the last word of one text and the first of the other would merge.
+PAIR_SEPARATOR = "\n"
 CORRUPTION_MODES = ("drop", "mask")
 # What corruption never removes from a text: whitespace, and SemEval's entity markers, without which an example no
 # longer says which entity pair it is about.
@@ -35,27 +49,41 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def tokenize_dataset(dataset: Dataset | DatasetDict, tokenizer, max_length: int = 512) -> Dataset | DatasetDict:
-    """Tokenize a loaded data set for its task (see :func:`~peft_umema.data.loaders.task_type_of`)."""
-    if task_type_of(dataset) == SEQ_CLS:
-        return tokenize_sequence_classification(dataset, tokenizer, max_length)
+def tokenize_dataset(
+    dataset: Dataset | DatasetDict, tokenizer, max_length: int = 512, schema: Optional[DataSchema] = None
+) -> Dataset | DatasetDict:
+    """Tokenize a loaded data set for its task (``schema``: as ``load_data`` returned it; read off the columns if
+    not given)."""
+    schema = schema_of(dataset, schema)
+    if schema.task_type == SEQ_CLS:
+        return tokenize_sequence_classification(dataset, tokenizer, max_length, schema=schema)
     return tokenize_token_classification(dataset, tokenizer, max_length)
 
 
 def tokenize_sequence_classification(
-    dataset: Dataset | DatasetDict, tokenizer, max_length: int = 512
+    dataset: Dataset | DatasetDict, tokenizer, max_length: int = 512, schema: Optional[DataSchema] = None
 ) -> Dataset | DatasetDict:
-    """``text`` -> ``input_ids``/``attention_mask`` truncated to ``max_length``, ``label`` -> ``labels``.
+    """``text`` (and ``text_pair``, encoded as a pair) -> ``input_ids``/``attention_mask`` truncated to
+    ``max_length``, ``label`` -> ``labels``.
 
-    No padding here: a collator pads each batch to its own longest row.
+    No padding here: a collator pads each batch to its own longest row. A pair is truncated longest text first.
     """
+    pair = schema_of(dataset, schema).is_pair
+    separator = PAIR_SEPARATOR if pair and not _pair_has_separator(tokenizer) else ""
 
     def encode(batch):
-        encoded = tokenizer(batch["text"], truncation=True, max_length=max_length)
-        encoded["labels"] = batch["label"]
+        second = [separator + text for text in batch[TEXT_PAIR]] if pair else None
+        encoded = tokenizer(batch[TEXT], second, truncation=True, max_length=max_length)
+        encoded["labels"] = batch[LABEL]
         return encoded
 
     return dataset.map(encode, batched=True, remove_columns=_column_names(dataset))
+
+
+def _pair_has_separator(tokenizer) -> bool:
+    """Whether encoding a pair adds special tokens beyond those of one text (BERT's [SEP]): then the texts are kept
+    apart already."""
+    return tokenizer.num_special_tokens_to_add(pair=True) > tokenizer.num_special_tokens_to_add(pair=False)
 
 
 def tokenize_token_classification(
@@ -75,7 +103,7 @@ def tokenize_token_classification(
     word_prefix = " " if _space_marks_word_start(tokenizer) else ""
 
     def encode(batch):
-        words = [[word_prefix + word for word in sentence] for sentence in batch["tokens"]]
+        words = [[word_prefix + word for word in sentence] for sentence in batch[TOKENS]]
         encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
         vanished = {row: _vanished_words(encoded, row, len(words[row]), max_length) for row in range(len(words))}
         if tokenizer.unk_token is not None and any(vanished.values()):
@@ -84,7 +112,7 @@ def tokenize_token_classification(
                     words[row][position] = word_prefix + tokenizer.unk_token
             encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
         encoded["labels"] = [
-            _align_labels(encoded.word_ids(row), tags) for row, tags in enumerate(batch["ner_tags"])
+            _align_labels(encoded.word_ids(row), tags) for row, tags in enumerate(batch[TAGS])
         ]
         return encoded
 
@@ -130,7 +158,7 @@ def _column_names(dataset: Dataset | DatasetDict) -> list[str]:
     return dataset.column_names
 
 
-def k_shot_subset(dataset: Dataset, shots: int, seed: int) -> Dataset:
+def k_shot_subset(dataset: Dataset, shots: int, seed: int, schema: Optional[DataSchema] = None) -> Dataset:
     """A seeded, stratified subset of ``shots`` examples, for the paper's 200/500/1000-sample settings.
 
     Stratified by label for sequence tasks and by each sentence's most frequent entity type (or 'none') for token
@@ -144,11 +172,16 @@ def k_shot_subset(dataset: Dataset, shots: int, seed: int) -> Dataset:
         raise ValueError(
             f"Asked for {shots} shots but the split has only {len(dataset)} examples; use shots <= {len(dataset)}."
         )
-    return dataset.select(stratified_sample(stratification_keys(dataset), int(shots), seed))
+    return dataset.select(stratified_sample(stratification_keys(dataset, schema), int(shots), seed))
 
 
 def corrupt_missing(
-    dataset: Dataset | DatasetDict, rate: float, seed: int, mode: str = "drop", mask_string: str = "[MASK]"
+    dataset: Dataset | DatasetDict,
+    rate: float,
+    seed: int,
+    mode: str = "drop",
+    mask_string: str = "[MASK]",
+    schema: Optional[DataSchema] = None,
 ) -> Dataset | DatasetDict:
     """Drop, or replace by ``mask_string``, a ``rate`` fraction of the words of every example.
 
@@ -157,8 +190,10 @@ def corrupt_missing(
     ``tokens`` together with their tags (``drop``) or keep the tag of a masked token (``mask``). Each example has ``rate * n_words`` words hit, the fractional part
     drawn at random so the rate holds on average over short examples too; ``drop`` leaves at least one word, since an
     empty input has nothing to classify. Draws come from a generator seeded with (seed, example index), so results
-    do not depend on batching, and ``drop`` and ``mask`` hit the same words (unless ``drop`` must spare one).
+    do not depend on batching, and ``drop`` and ``mask`` hit the same words (unless ``drop`` must spare one). Both
+    texts of a sentence pair are corrupted, each with its own draws.
     """
+    schema = schema_of(dataset, schema)
     if mode not in CORRUPTION_MODES:
         raise ValueError(f"mode must be one of {CORRUPTION_MODES}, got {mode!r}.")
     if not 0.0 <= rate <= 1.0:
@@ -167,10 +202,10 @@ def corrupt_missing(
         raise ValueError("mask_string must be a non-empty string.")
     keep_one = mode == "drop"
 
-    def corrupt_text(example, index):
-        pieces = _TEXT_SEPARATORS.split(example["text"])  # words at even positions, separators between them
+    def corrupt_one_text(text, index, stream):
+        pieces = _TEXT_SEPARATORS.split(text)  # words at even positions, separators between them
         word_positions = [position for position in range(0, len(pieces), 2) if pieces[position]]
-        for word in _words_to_hit(len(word_positions), rate, seed, index, keep_one):
+        for word in _words_to_hit(len(word_positions), rate, seed, index, keep_one, stream):
             position = word_positions[word]
             if mode == "mask":
                 pieces[position] = mask_string
@@ -180,25 +215,30 @@ def corrupt_missing(
                 pieces[position + 1] = ""
             elif position > 0 and pieces[position - 1].isspace():
                 pieces[position - 1] = ""
-        return {"text": "".join(pieces)}
+        return "".join(pieces)
+
+    def corrupt_text(example, index):
+        return {column: corrupt_one_text(example[column], index, stream) for stream, column in
+                enumerate(schema.text_columns)}
 
     def corrupt_tokens(example, index):
-        hit = _words_to_hit(len(example["tokens"]), rate, seed, index, keep_one)
+        hit = _words_to_hit(len(example[TOKENS]), rate, seed, index, keep_one)
         if mode == "mask":
-            tokens = [mask_string if position in hit else token for position, token in enumerate(example["tokens"])]
-            return {"tokens": tokens}
-        kept = [position for position in range(len(example["tokens"])) if position not in hit]
+            tokens = [mask_string if position in hit else token for position, token in enumerate(example[TOKENS])]
+            return {TOKENS: tokens}
+        kept = [position for position in range(len(example[TOKENS])) if position not in hit]
         return {
-            "tokens": [example["tokens"][position] for position in kept],
-            "ner_tags": [example["ner_tags"][position] for position in kept],
+            TOKENS: [example[TOKENS][position] for position in kept],
+            TAGS: [example[TAGS][position] for position in kept],
         }
 
-    corrupt = corrupt_text if task_type_of(dataset) == SEQ_CLS else corrupt_tokens
+    corrupt = corrupt_text if schema.task_type == SEQ_CLS else corrupt_tokens
     return dataset.map(corrupt, with_indices=True)
 
 
-def _words_to_hit(num_words: int, rate: float, seed: int, index: int, keep_one: bool) -> set[int]:
-    rng = np.random.default_rng([seed, index])
+def _words_to_hit(num_words: int, rate: float, seed: int, index: int, keep_one: bool, stream: int = 0) -> set[int]:
+    # the first text's draws are seeded as they always were; the second text of a pair gets a stream of its own
+    rng = np.random.default_rng([seed, index] if stream == 0 else [seed, index, stream])
     expected = rate * num_words
     count = int(expected) + int(rng.random() < expected - int(expected))
     if keep_one:
