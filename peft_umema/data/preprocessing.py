@@ -10,7 +10,19 @@ import numpy as np
 from datasets import Dataset, DatasetDict
 
 from .loaders import stratification_keys, stratified_sample
-from .schema import IGNORE_INDEX, LABEL, SEQ_CLS, TAGS, TEXT, TEXT_PAIR, TOKENS, DataSchema, schema_of
+from .schema import (
+    IGNORE_INDEX,
+    LABEL,
+    SEQ_CLS,
+    TAGS,
+    TEXT,
+    TEXT_PAIR,
+    TOKEN_CLS,
+    TOKENS,
+    DataSchema,
+    first_split,
+    schema_of,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -54,10 +66,23 @@ def tokenize_dataset(
 ) -> Dataset | DatasetDict:
     """Tokenize a loaded data set for its task (``schema``: as ``load_data`` returned it; read off the columns if
     not given)."""
-    schema = schema_of(dataset, schema)
-    if schema.task_type == SEQ_CLS:
+    task_type, _ = _task_and_texts(dataset, schema)
+    if task_type == SEQ_CLS:
         return tokenize_sequence_classification(dataset, tokenizer, max_length, schema=schema)
     return tokenize_token_classification(dataset, tokenizer, max_length)
+
+
+def _task_and_texts(dataset: Dataset | DatasetDict, schema: Optional[DataSchema]) -> tuple[str, tuple[str, ...]]:
+    """The task and text columns, from the schema or else the canonical column names (labels need not be a
+    ClassLabel here: tokenizing and corrupting do not need their names)."""
+    if schema is not None:
+        return schema.task_type, schema.text_columns
+    columns = set(first_split(dataset).column_names)
+    if {TOKENS, TAGS} <= columns:
+        return TOKEN_CLS, ()
+    if {TEXT, LABEL} <= columns:
+        return SEQ_CLS, (TEXT, TEXT_PAIR) if TEXT_PAIR in columns else (TEXT,)
+    return schema_of(dataset).task_type, ()  # raises, naming the columns found
 
 
 def tokenize_sequence_classification(
@@ -68,7 +93,7 @@ def tokenize_sequence_classification(
 
     No padding here: a collator pads each batch to its own longest row. A pair is truncated longest text first.
     """
-    pair = schema_of(dataset, schema).is_pair
+    pair = len(_task_and_texts(dataset, schema)[1]) == 2
     separator = PAIR_SEPARATOR if pair and not _pair_has_separator(tokenizer) else ""
 
     def encode(batch):
@@ -193,7 +218,7 @@ def corrupt_missing(
     do not depend on batching, and ``drop`` and ``mask`` hit the same words (unless ``drop`` must spare one). Both
     texts of a sentence pair are corrupted, each with its own draws.
     """
-    schema = schema_of(dataset, schema)
+    task_type, text_columns = _task_and_texts(dataset, schema)
     if mode not in CORRUPTION_MODES:
         raise ValueError(f"mode must be one of {CORRUPTION_MODES}, got {mode!r}.")
     if not 0.0 <= rate <= 1.0:
@@ -219,7 +244,7 @@ def corrupt_missing(
 
     def corrupt_text(example, index):
         return {column: corrupt_one_text(example[column], index, stream) for stream, column in
-                enumerate(schema.text_columns)}
+                enumerate(text_columns)}
 
     def corrupt_tokens(example, index):
         hit = _words_to_hit(len(example[TOKENS]), rate, seed, index, keep_one)
@@ -232,7 +257,7 @@ def corrupt_missing(
             TAGS: [example[TAGS][position] for position in kept],
         }
 
-    corrupt = corrupt_text if schema.task_type == SEQ_CLS else corrupt_tokens
+    corrupt = corrupt_text if task_type == SEQ_CLS else corrupt_tokens
     return dataset.map(corrupt, with_indices=True)
 
 
