@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", type=Path, help="also write the result as JSON to this file")
     evaluate.add_argument("--reliability", type=Path, help="also draw the reliability diagram to this PNG file")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_data_options(evaluate, skip_empty_default=None)
     evaluate.set_defaults(handler=_evaluate)
 
     predict = commands.add_parser(
@@ -105,8 +106,34 @@ def _add_model_and_data(parser: argparse.ArgumentParser, defaults: run.TrainOpti
     parser.add_argument("--model", default=run.DEFAULT_MODEL, help="backbone: minilm, smollm2-135m, hub name or folder")
     parser.add_argument("--data", default=run.DEFAULT_DATA,
                         help="benchmark name (20newsgroups, semeval2010_task8, wnut17, ploner[:domain], wnut16_demo, "
-                        "bbc_news_demo), local path, or hub data set")
+                        "bbc_news_demo), path of your data (CSV, TSV, JSON, JSON lines, Parquet or CoNLL file, or a "
+                        "folder of train/dev/test files), or hub data set")
     parser.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank")
+    _add_data_options(parser)
+
+
+def _add_data_options(parser: argparse.ArgumentParser, skip_empty_default: Optional[bool] = False) -> None:
+    """How to read the user's own data files (found by their common names when not given)."""
+    group = parser.add_argument_group("your data's columns (found by their common names when not given)")
+    group.add_argument("--text-column", nargs="+", metavar="COLUMN",
+                       help="text column, or two for a sentence-pair task; found by name: text, sentence, ...")
+    group.add_argument("--label-column", metavar="COLUMN",
+                       help="class column; found by name: label, category, intent, class, ...")
+    group.add_argument("--tokens-column", metavar="COLUMN",
+                       help="word-list column of a token task; found by name: tokens, words")
+    group.add_argument("--tags-column", metavar="COLUMN",
+                       help="tag-list column of a token task; found by name: ner_tags, tags, labels")
+    group.add_argument("--label-names", metavar="A,B,C",
+                       help="class names in id order, comma-separated (else sorted); they name integer labels")
+    group.add_argument("--skip-empty", action="store_true", default=skip_empty_default,
+                       help="drop empty documents and sentences (counted in a warning) instead of failing")
+
+
+def _data_options(args: argparse.Namespace) -> dict:
+    return dict(
+        text_column=args.text_column, label_column=args.label_column, tokens_column=args.tokens_column,
+        tags_column=args.tags_column, label_names=args.label_names, skip_empty=args.skip_empty,
+    )
 
 
 def _add_training_options(parser: argparse.ArgumentParser, defaults: run.TrainOptions) -> None:
@@ -157,6 +184,7 @@ def _train(args: argparse.Namespace) -> int:
     metrics = run.train(
         args.model, args.data, args.output_dir, method=args.method, shots=args.shots, seed=args.seed,
         missing_rate=args.missing_rate, use_um=args.use_um, use_ema=args.use_ema, **_training_options(args),
+        **_data_options(args),
     )
     print(f"{metrics['method']} on {metrics['data']} ({metrics['sizes']['train']} training examples, "
           f"{metrics['timings']['total_seconds']:.0f} s). Test split ({metrics['sizes']['test']} examples):")
@@ -171,7 +199,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     compare(
         args.methods, args.data, args.shots, args.seeds, model=args.model, output_dir=args.output_dir,
-        dev_size=args.dev_size, test_size=args.test_size, **_training_options(args),
+        dev_size=args.dev_size, test_size=args.test_size, **_training_options(args), **_data_options(args),
     )
     table = Path(args.output_dir) / "comparison.md"
     print(table.read_text(encoding="utf-8"))
@@ -183,6 +211,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     result = run.evaluate(
         args.adapter, args.data, split=args.split, missing_rate=args.missing_rate, seed=args.seed,
         batch_size=args.batch_size, progress=not args.no_progress, reliability_path=args.reliability,
+        **_data_options(args),
     )
     print(f"{args.adapter} on {args.data} ({args.split}, {result['examples']} examples):")
     print(_metrics_table(result["metrics"]))

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from ..data.loaders import SEQ_CLS, label_names_of, load_benchmark, task_type_of
+from ..data.loaders import SEQ_CLS, describe_data, load_data
 from ..data.preprocessing import k_shot_subset, prepare_tokenizer, tokenize_dataset
 from ..evaluation.reliability import (
     save_reliability_comparison,
@@ -91,6 +91,12 @@ def compare(
     method_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
     dev_size: Optional[int] = None,
     test_size: Optional[int] = None,
+    text_column: str | Sequence[str] | None = None,
+    label_column: Optional[str] = None,
+    tokens_column: Optional[str] = None,
+    tags_column: Optional[str] = None,
+    label_names: str | Sequence[str] | None = None,
+    skip_empty: bool = False,
     **train_options,
 ) -> list[dict]:
     """Run every method under every seed on `data` with backbone `model`, and write the comparison to `output_dir`.
@@ -106,6 +112,8 @@ def compare(
         method_options: options per method name, e.g. `{"mcdropout": {"samples": 20}}`.
         dev_size, test_size: score on a fixed seeded subset of this many dev / test examples (the same for every
             method and seed), to bound the cost of sampling methods on a CPU; None: the whole split.
+        text_column, label_column, tokens_column, tags_column, label_names, skip_empty: how to read your own data,
+            as for `train` (see `peft_umema.data.load_data`).
         **train_options: `TrainOptions` fields shared by all methods (epochs, learning_rate, max_length, ...).
 
     Returns:
@@ -119,16 +127,19 @@ def compare(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    splits = load_benchmark(data)
-    task_type, label_names = task_type_of(splits), label_names_of(splits)
+    splits, schema = load_data(
+        data, text_column=text_column, label_column=label_column, tokens_column=tokens_column,
+        tags_column=tags_column, label_names=label_names, skip_empty=skip_empty,
+    )
+    task_type, label_names = schema.task_type, list(schema.label_names)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_backbone(model)))
-    dev = tokenize_dataset(_fixed_subset(splits["validation"], dev_size), tokenizer, options.max_length)
-    test = tokenize_dataset(_fixed_subset(splits["test"], test_size), tokenizer, options.max_length)
+    dev = tokenize_dataset(_fixed_subset(splits["validation"], dev_size), tokenizer, options.max_length, schema=schema)
+    test = tokenize_dataset(_fixed_subset(splits["test"], test_size), tokenizer, options.max_length, schema=schema)
     test_batches = DataLoader(test, batch_size=2 * options.batch_size, collate_fn=data_collator(task_type, tokenizer))
     results = _Results(
         output_dir,
         settings={
-            "data": os.fspath(data),
+            "data": describe_data(data),
             "model": model,
             "task_type": task_type,
             "shots": shots,
@@ -144,13 +155,13 @@ def compare(
 
     with tqdm(total=len(seeds) * len(methods), desc="Comparing", disable=not options.progress) as bar:
         for seed in seeds:
-            train = splits["train"] if shots is None else k_shot_subset(splits["train"], shots, seed)
+            train = splits["train"] if shots is None else k_shot_subset(splits["train"], shots, seed, schema=schema)
             setup = RunSetup(
                 backbone=model,
                 task_type=task_type,
                 label_names=label_names,
                 tokenizer=tokenizer,
-                train_dataset=tokenize_dataset(train, tokenizer, options.max_length),
+                train_dataset=tokenize_dataset(train, tokenizer, options.max_length, schema=schema),
                 eval_dataset=dev,
                 options=options,
                 seed=seed,

@@ -15,6 +15,7 @@ import platform
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -31,7 +32,7 @@ from transformers import (
 )
 
 from .. import __version__
-from ..data.loaders import SEQ_CLS, label_names_of, load_benchmark, task_type_of
+from ..data.loaders import SEQ_CLS, describe_data, label_names_of, load_data, task_type_of
 from ..data.preprocessing import (
     corrupt_missing,
     k_shot_subset,
@@ -85,13 +86,20 @@ def train(
     shots: Optional[int] = DEFAULT_SHOTS,
     seed: int = 0,
     missing_rate: float = 0.0,
+    text_column: str | Sequence[str] | None = None,
+    label_column: Optional[str] = None,
+    tokens_column: Optional[str] = None,
+    tags_column: Optional[str] = None,
+    label_names: str | Sequence[str] | None = None,
+    skip_empty: bool = False,
     **options,
 ) -> dict:
     """Fine-tune `model` on `data` with `method`, pick the best epoch on dev, score the test split, save the run.
 
     Args:
         model: backbone name (`minilm`, `smollm2-135m`), hub name or local folder.
-        data: benchmark name (see `load_benchmark`), local path, or hub data set.
+        data: benchmark name, path of data files (CSV, TSV, JSON, JSON lines, Parquet, CoNLL; one file or a folder
+            of split files), hub data set, or a `datasets.Dataset` / `DatasetDict` (see `peft_umema.data.load_data`).
         output_dir: run folder, created or overwritten: adapter, tokenizer, `umema_run.json`, `metrics.json`,
             `reliability.png`.
         method: a name in `METHODS` (`umema`, `lora`, ...).
@@ -99,6 +107,9 @@ def train(
         seed: seeds the subset, the corruption, the initialisation and the data order.
         missing_rate: drop this fraction of the words of every example in every split (the paper's
             missing-information study); 0 keeps the data intact.
+        text_column, label_column, tokens_column, tags_column, label_names, skip_empty: how to read your own data
+            (see `peft_umema.data.load_data`); found by their common names when not given. Recorded in the run
+            folder, so that `evaluate` reads data of the same layout the same way.
         **options: any `TrainOptions` field (rank, use_um, use_ema, epochs, learning_rate, batch_size, max_length,
             patience, max_steps, warmup_ratio, weight_decay, max_grad_norm, target_modules, progress).
 
@@ -107,6 +118,10 @@ def train(
         sizes, parameter counts and timings.
     """
     started = time.perf_counter()
+    data_options = _given_data_options(
+        text_column=text_column, label_column=label_column, tokens_column=tokens_column, tags_column=tags_column,
+        label_names=label_names, skip_empty=skip_empty,
+    )
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(TrainOptions)})
     if unknown:
         raise ValueError(
@@ -117,15 +132,18 @@ def train(
     output_dir = Path(output_dir)
     backbone, data_name = _portable_name(model), _portable_name(data)
 
-    splits = load_benchmark(data)
-    task_type, label_names = task_type_of(splits), label_names_of(splits)
+    splits, schema = load_data(data, **data_options)
+    task_type, label_names = schema.task_type, list(schema.label_names)
+    if shots is not None and shots >= len(splits["train"]):
+        warnings.warn(f"shots={shots} but the train split has {len(splits['train'])} examples: training on all.")
+        shots = None
     if shots is not None:
-        splits["train"] = k_shot_subset(splits["train"], shots, seed)
+        splits["train"] = k_shot_subset(splits["train"], shots, seed, schema=schema)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_backbone(backbone)))
     with _datasets_progress(train_options.progress):
         if missing_rate:
-            splits = corrupt_missing(splits, missing_rate, seed)
-        tokenized = tokenize_dataset(splits, tokenizer, train_options.max_length)
+            splits = corrupt_missing(splits, missing_rate, seed, schema=schema)
+        tokenized = tokenize_dataset(splits, tokenizer, train_options.max_length, schema=schema)
     setup = RunSetup(
         backbone=backbone,
         task_type=task_type,
@@ -160,6 +178,8 @@ def train(
         "label_names": label_names,
         "max_length": train_options.max_length,
         "data": data_name,
+        "data_schema": schema.to_dict(),
+        "data_options": data_options,
         "peft_umema_version": __version__,
     }
     write_json(output_dir / RUN_INFO_NAME, run_info)
@@ -176,6 +196,7 @@ def train(
         "data": data_name,
         "task_type": task_type,
         "label_names": label_names,
+        "data_schema": schema.to_dict(),
         "seed": seed,
         "shots": shots,
         "missing_rate": missing_rate,
@@ -206,27 +227,49 @@ def evaluate(
     batch_size: int = 32,
     progress: bool = True,
     reliability_path: Optional[str | os.PathLike] = None,
+    text_column: str | Sequence[str] | None = None,
+    label_column: Optional[str] = None,
+    tokens_column: Optional[str] = None,
+    tags_column: Optional[str] = None,
+    label_names: str | Sequence[str] | None = None,
+    skip_empty: Optional[bool] = None,
 ) -> dict:
     """Score a saved run on a split of `data`: the same metrics as `train` writes, labels matched by name.
 
     `missing_rate` drops that fraction of the words of every example first (seeded by `seed`), to measure how a
     model trained on complete data copes with incomplete inputs. Returns `{"adapter", "data", "split",
     "missing_rate", "examples", "metrics"}`; with `reliability_path`, also draws the reliability diagram there.
+    The column options read `data` as in `train`; when none is given and `data` is what the run was trained on,
+    those the run was trained with are used.
     """
     run = load_run(adapter_dir)
-    splits = load_benchmark(data)
-    if task_type_of(splits) != run.task_type:
+    data_options = _given_data_options(
+        text_column=text_column, label_column=label_column, tokens_column=tokens_column, tags_column=tags_column,
+        label_names=label_names, skip_empty=skip_empty,
+    )
+    if not data_options and _portable_name(data) == run.info.get("data"):
+        data_options = dict(run.info.get("data_options") or {})  # the training data, read as in training
+    splits, schema = load_data(data, **data_options)
+    if schema.task_type != run.task_type:
         raise ValueError(
-            f"{data} is a {task_type_of(splits)} data set but the adapter in {adapter_dir} was trained for "
+            f"{describe_data(data)} is a {schema.task_type} data set but the adapter in {adapter_dir} was trained for "
             f"{run.task_type}; evaluate it on data of its own task."
+        )
+    trained_pair = len((run.info.get("data_schema") or {}).get("text_columns") or ()) == 2
+    if schema.task_type == SEQ_CLS and schema.is_pair != trained_pair:
+        raise ValueError(
+            f"The adapter in {adapter_dir} was trained on {'sentence pairs' if trained_pair else 'single texts'} but "
+            f"{describe_data(data)} was read as {'pairs' if schema.is_pair else 'single texts'} (text columns "
+            f"{[schema.source_columns.get(c, c) for c in schema.text_columns]}); pass text_column= "
+            f"(--text-column) with {'two columns' if trained_pair else 'one column'}."
         )
     if split not in splits:
         raise ValueError(f"{data} has no split {split!r}; it has {list(splits)}.")
     with _datasets_progress(progress):
         dataset = _relabel(splits[split], run.label_names, data)
         if missing_rate:
-            dataset = corrupt_missing(dataset, missing_rate, seed)
-        tokenized = tokenize_dataset(dataset, run.tokenizer, run.info["max_length"])
+            dataset = corrupt_missing(dataset, missing_rate, seed, schema=schema)
+        tokenized = tokenize_dataset(dataset, run.tokenizer, run.info["max_length"], schema=schema)
     predictions = run.method.predict(
         run.fitted, dev_batches(tokenized, run.task_type, run.tokenizer, batch_size), progress=progress
     )
@@ -237,7 +280,7 @@ def evaluate(
         )
     return {
         "adapter": os.fspath(adapter_dir),
-        "data": os.fspath(data),
+        "data": describe_data(data),
         "split": split,
         "missing_rate": missing_rate,
         "examples": len(dataset),
@@ -260,7 +303,17 @@ def predict(adapter_dir: str | os.PathLike, texts: Sequence[str], *, batch_size:
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"Text {number} is empty; pass non-empty texts to predict.")
     run = load_run(adapter_dir)
-    if run.task_type == SEQ_CLS:
+    if run.task_type == SEQ_CLS and len((run.info.get("data_schema") or {}).get("text_columns") or ()) == 2:
+        pairs = [text.split("\t", 1) for text in texts]
+        for number, pair in enumerate(pairs, start=1):
+            if len(pair) != 2 or not all(part.strip() for part in pair):
+                raise ValueError(
+                    f"Text {number}: this run classifies sentence pairs; give each as the two texts joined by a TAB."
+                )
+        dataset = Dataset.from_dict({"text": [a for a, _ in pairs], "text_pair": [b for _, b in pairs],
+                                     "label": [0] * len(texts)})
+        words = None
+    elif run.task_type == SEQ_CLS:
         dataset = Dataset.from_dict({"text": list(texts), "label": [0] * len(texts)})
         words = None
     else:
@@ -411,11 +464,20 @@ def _relabel(dataset: Dataset, label_names: list[str], data) -> Dataset:
 
 
 def _short_name(data: str | os.PathLike) -> str:
+    if isinstance(data, (Dataset, datasets.DatasetDict)):
+        return type(data).__name__
     return Path(os.fspath(data)).name
+
+
+def _given_data_options(**values) -> dict:
+    """The data options a caller gave (not None, and skip_empty only when true)."""
+    return {name: value for name, value in values.items() if value is not None and value is not False}
 
 
 def _portable_name(name_or_path: str | os.PathLike) -> str:
     """Local paths become absolute, so that a run folder works from any working directory."""
+    if isinstance(name_or_path, (Dataset, datasets.DatasetDict)):
+        return describe_data(name_or_path)
     name = os.fspath(name_or_path)
     return str(Path(name).resolve()) if Path(name).exists() else name
 
