@@ -239,6 +239,20 @@ def test_sentence_pairs_are_found_and_tokenized_as_pairs(tmp_path, minilm_tokeni
                for new, old in zip(dropped, splits["train"]))
 
 
+def test_a_release_with_each_split_in_two_formats_reads_one(tmp_path):
+    # SNLI 1.0 ships every split as .jsonl and as a tab-separated .txt
+    for split in ("train", "dev", "test"):
+        records = [{"sentence1": a, "sentence2": b, "gold_label": label, "pairID": str(i)}
+                   for i, (a, b, label) in enumerate(pair_rows())]
+        write_jsonl(tmp_path / f"snli_1.0_{split}.jsonl", records)
+        write_csv(tmp_path / f"snli_1.0_{split}.txt", ["gold_label", "sentence1", "sentence2"],
+                  [(label, a, b) for a, b, label in pair_rows()], delimiter="\t")
+    with pytest.warns(UserWarning, match=r"reading snli_1\.0_train\.jsonl and leaving out snli_1\.0_train\.txt"):
+        splits, schema = load_data(tmp_path, label_column="gold_label")
+    assert schema.is_pair and schema.label_names == ("contradiction", "entailment")
+    assert sizes(splits) == {"train": 20, "validation": 20, "test": 20}
+
+
 def test_pairs_stay_apart_with_a_byte_level_tokenizer():
     vocab = {"<|endoftext|>": 0}
     for character in sorted(ByteLevel.alphabet()):

@@ -15,6 +15,7 @@ import importlib.util
 import os
 import re
 import tarfile
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import Sequence as SequenceOf
@@ -535,8 +536,6 @@ def _read_class_folders(root: Path, skip_empty: bool) -> tuple[list[str], list[s
                 f"{len(empty)} empty document(s) in {root}: {listed}; there is nothing to classify in them. Remove "
                 f"them, or pass {option_hint('skip_empty', 'True')} to drop them."
             )
-        import warnings
-
         warnings.warn(f"Skipped {len(empty)} empty document(s) in {root}: {listed}.", stacklevel=4)
     if not texts:
         raise ValueError(f"{root}: every document is empty.")
@@ -765,12 +764,17 @@ def _load_split_files(files: dict[str, list[Path]], columns: ColumnOptions, what
     splits, sources = {}, {}
     for split, paths in files.items():
         formats = {data_format(path) for path in paths}
-        if len(formats) > 1:
-            raise ValueError(
-                f"The {split} split has files of several formats ({', '.join(p.name for p in paths)}); keep one format "
-                "per split, or pass the path of one file."
+        if len(formats) > 1:  # a release shipping each split twice (SNLI: .jsonl and .txt): read one copy
+            data_format_name = min(formats, key=_FORMAT_PREFERENCE.index)
+            ignored = [path.name for path in paths if data_format(path) != data_format_name]
+            paths = [path for path in paths if data_format(path) == data_format_name]
+            warnings.warn(
+                f"The {split} split has files of several formats; reading {', '.join(p.name for p in paths)} and "
+                f"leaving out {', '.join(ignored)}. Pass the path of one file to choose.",
+                stacklevel=3,
             )
-        data_format_name = formats.pop()
+        else:
+            data_format_name = formats.pop()
         sources[split] = ", ".join(str(path) for path in paths)
         if data_format_name == CONLL:
             if builder_options:
@@ -794,6 +798,9 @@ def _load_split_files(files: dict[str, list[Path]], columns: ColumnOptions, what
         schema = dataclasses.replace(loaded.schema, source_columns={"tokens": "first column", "ner_tags": "last column"})
         loaded = LoadedData(loaded.splits, schema)
     return loaded
+
+
+_FORMAT_PREFERENCE = ("parquet", "json", "csv", "tsv", CONLL)
 
 
 def _conll_columns(columns: ColumnOptions, source: str) -> ColumnOptions:
