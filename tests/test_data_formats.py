@@ -167,6 +167,11 @@ def test_label_names_fix_the_order_and_name_integer_ids(tmp_path):
     assert {schema.label_names[label] for label in test["label"]} == {"business", "sport", "tech"}
     with pytest.raises(ValueError, match=r"ids\.csv: 'label' holds the ids 3, beyond the 3 label_names given"):
         load_data(ids, label_names=["a", "b", "c"])
+    # one empty cell makes pandas read the ids as floats: still ids, and the empty cell is named
+    gap = write_csv(tmp_path / "gap.csv", ["text", "label"], [(t, i % 3) for i, (t, _) in enumerate(news_rows(3))]
+                    + [("no label here", "")])
+    with pytest.raises(ValueError, match=r"gap\.csv, row 19: no label in column 'label'"):
+        load_data(gap)
 
 
 def test_errors_name_the_file_the_columns_and_the_option(tmp_path):

@@ -9,6 +9,7 @@ skips empty documents and sentences, and returns the splits in the canonical col
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional
@@ -290,11 +291,16 @@ def _label_values(dataset: Dataset, column: str, source: str, per_token: bool) -
     if isinstance(feature, ClassLabel):
         return values, list(feature.names)
     if isinstance(feature, Value) and feature.dtype.startswith(("float", "double")):
-        raise ValueError(
-            f"{source}: the label column {column!r} holds numbers ({feature.dtype}), not classes; pass "
-            f"{option_hint('label_column')} naming a column of class names or integer ids."
-        )
-    if isinstance(feature, Value) and feature.dtype == "bool":
+        flat = [value for value in (_flatten_tags(values) if per_token else values) if value is not None]
+        if not all(math.isnan(value) or float(value).is_integer() for value in flat):
+            raise ValueError(
+                f"{source}: the label column {column!r} holds numbers ({feature.dtype}), not classes; pass "
+                f"{option_hint('label_column')} naming a column of class names or integer ids."
+            )
+        # integer ids read as floats because a cell is empty (pandas' NaN): ids again, the empty cell an error
+        convert = int
+        values = _map_nested(values, lambda value: None if value is None or math.isnan(value) else value)
+    elif isinstance(feature, Value) and feature.dtype == "bool":
         convert = str
     elif isinstance(feature, Value) and (feature.dtype.startswith(("int", "uint"))):
         convert = int
