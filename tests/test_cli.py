@@ -238,8 +238,10 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, ner_run, capsys):
     assert main(["train", "--data", str(empty), "--output-dir", str(tmp_path / "run")]) == 2
     assert "empty" in one_line_error(capsys, "train")
 
-    assert main(["train", "--rank", "0"]) == 2
-    assert "rank" in one_line_error(capsys, "train")
+    with pytest.raises(SystemExit) as exit_info:  # option values are checked by the parser, before any work
+        main(["train", "--rank", "0"])
+    assert exit_info.value.code == 2
+    assert "argument --rank" in one_line_error(capsys, "train")
 
     assert main(["predict", str(ner_run), "  "]) == 2
     assert "empty" in one_line_error(capsys, "predict")

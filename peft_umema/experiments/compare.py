@@ -25,16 +25,24 @@ from typing import Any, Optional
 import numpy as np
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from ..data.loaders import SEQ_CLS, describe_data, load_data
-from ..data.preprocessing import k_shot_subset, prepare_tokenizer, tokenize_dataset
+from ..data.preprocessing import k_shot_subset, tokenize_dataset
 from ..evaluation.reliability import (
     save_reliability_comparison,
     save_reliability_diagram,
 )
-from .backbones import resolve_backbone
 from .baseline_methods import BaselineMethod, DerivedMethod, configured_method
+from .checks import (
+    BACKBONE_TOKENIZER_FIX,
+    check_backbone,
+    check_int,
+    check_max_length,
+    check_output_dir,
+    check_rank,
+    check_seed,
+    load_tokenizer,
+)
 from .methods import (
     Fitted,
     Method,
@@ -91,6 +99,7 @@ def compare(
     method_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
     dev_size: Optional[int] = None,
     test_size: Optional[int] = None,
+    raise_errors: bool = False,
     text_column: str | Sequence[str] | None = None,
     label_column: Optional[str] = None,
     tokens_column: Optional[str] = None,
@@ -112,6 +121,8 @@ def compare(
         method_options: options per method name, e.g. `{"mcdropout": {"samples": 20}}`.
         dev_size, test_size: score on a fixed seeded subset of this many dev / test examples (the same for every
             method and seed), to bound the cost of sampling methods on a CPU; None: the whole split.
+        raise_errors: stop at the first run that fails, with its traceback (`peft-umema compare --debug`), instead
+            of recording the error in the table and going on.
         text_column, label_column, tokens_column, tags_column, label_names, skip_empty: how to read your own data,
             as for `train` (see `peft_umema.data.load_data`).
         **train_options: `TrainOptions` fields shared by all methods (epochs, learning_rate, max_length, ...).
@@ -124,7 +135,17 @@ def compare(
     _check_arguments(methods, seeds, method_options)
     options = _train_options(train_options)
     chosen = {name: configured_method(name, (method_options or {}).get(name)) for name in methods}
-    output_dir = Path(output_dir)
+    for seed in seeds:
+        check_seed(seed, "seeds")
+    for name, size in (("dev_size", dev_size), ("test_size", test_size)):
+        if size is not None:
+            check_int(size, name)
+    if shots is not None:
+        check_int(shots, "shots")
+    output_dir = check_output_dir(output_dir)
+    backbone = check_backbone(model)  # before the data: a wrong name fails at once
+    check_max_length(options.max_length, backbone)
+    check_rank(options.rank, backbone)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     splits, schema = load_data(
@@ -132,7 +153,7 @@ def compare(
         tags_column=tags_column, label_names=label_names, skip_empty=skip_empty,
     )
     task_type, label_names = schema.task_type, list(schema.label_names)
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_backbone(model)))
+    tokenizer = load_tokenizer(backbone.path, where=f"the backbone {model}", fix=BACKBONE_TOKENIZER_FIX)
     dev = tokenize_dataset(_fixed_subset(splits["validation"], dev_size), tokenizer, options.max_length, schema=schema)
     test = tokenize_dataset(_fixed_subset(splits["test"], test_size), tokenizer, options.max_length, schema=schema)
     test_batches = DataLoader(test, batch_size=2 * options.batch_size, collate_fn=data_collator(task_type, tokenizer))
@@ -173,6 +194,8 @@ def compare(
                 try:
                     record, pooled = _run(method, fits, test_batches)
                 except Exception as error:  # one method's failure must not cost the others' results
+                    if raise_errors:
+                        raise
                     record, pooled = {"error": f"{type(error).__name__}: {error}"}, None
                     tqdm.write(f"{name} failed on seed {seed}: {record['error']}")
                 results.add({"method": name, "seed": seed, **record}, pooled)

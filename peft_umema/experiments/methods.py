@@ -38,6 +38,7 @@ from ..tuner.attach import find_head_name
 from ..tuner.config import UMEMAConfig
 from ..uncertainty.calibration import calibrate_uncertainty
 from .backbones import load_backbone
+from .checks import check_learning_rate
 
 UM_OUTPUT_FIELDS = ("confidence", "aleatoric", "epistemic")
 # Scores of UM's own confidence, reported beside those of the calibrated softmax: UM's confidence is trained to
@@ -48,6 +49,10 @@ UM_CONFIDENCE_METRICS = ("ece", "auroc_error", "aurc")
 # ----------------------------------------------------------------------------------------------------------------
 # Options and what methods exchange with the driver
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclasses.dataclass
@@ -79,16 +84,26 @@ class TrainOptions:
         for name, value in positive_ints.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs!r}.")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}.")
-        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps == 0:
+        if not _finite_number(self.epochs) or not self.epochs > 0:
+            raise ValueError(f"epochs must be a finite number > 0, got {self.epochs!r}.")
+        check_learning_rate(self.learning_rate)
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or (
+            self.max_steps < 1 and self.max_steps != -1
+        ):
             raise ValueError(
                 f"max_steps must be a positive integer, or -1 to train for `epochs`; got {self.max_steps!r}."
             )
-        if not 0 <= self.warmup_ratio < 1:
+        if not _finite_number(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
+        for name in ("weight_decay", "max_grad_norm"):  # max_grad_norm 0: no clipping
+            value = getattr(self, name)
+            if not _finite_number(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        targets = self.target_modules
+        if not (isinstance(targets, str) and targets) and not (
+            isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) and t for t in targets)
+        ):
+            raise ValueError(f"target_modules must be 'all-linear' or a list of module names, got {targets!r}.")
 
 
 @dataclasses.dataclass

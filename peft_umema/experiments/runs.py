@@ -27,22 +27,35 @@ import torch
 import transformers
 from datasets import ClassLabel, Dataset
 from peft import PeftModel
-from transformers import (
-    AutoTokenizer,
-)
 
 from .. import __version__
 from ..data.loaders import SEQ_CLS, describe_data, label_names_of, load_data, task_type_of
 from ..data.preprocessing import (
     corrupt_missing,
     k_shot_subset,
-    prepare_tokenizer,
     tokenize_dataset,
 )
 from ..evaluation.reliability import save_reliability_diagram
 from ..tuner.config import UMEMAConfig
 from . import baseline_methods  # noqa: F401  (registers the baselines)
-from .backbones import resolve_backbone
+from .checks import (
+    BACKBONE_TOKENIZER_FIX,
+    IMAGE_SUFFIXES,
+    REPORT_FIXES,
+    check_backbone,
+    check_fraction,
+    check_int,
+    check_max_length,
+    check_output_dir,
+    check_output_file,
+    check_rank,
+    check_run_files,
+    check_run_info,
+    check_seed,
+    load_tokenizer,
+    loading_run,
+    training,
+)
 from .methods import (
     Fitted,
     Method,
@@ -129,8 +142,15 @@ def train(
         )
     train_options = TrainOptions(**options)
     chosen = get_method(method)
-    output_dir = Path(output_dir)
+    check_seed(seed)
+    if shots is not None:
+        check_int(shots, "shots")
+    check_fraction(missing_rate, "missing_rate", closed=True)
+    output_dir = check_output_dir(output_dir)
     backbone, data_name = _portable_name(model), _portable_name(data)
+    found = check_backbone(backbone)  # before the data: a wrong name fails at once
+    check_max_length(train_options.max_length, found)
+    check_rank(train_options.rank, found)
 
     splits, schema = load_data(data, **data_options)
     task_type, label_names = schema.task_type, list(schema.label_names)
@@ -139,7 +159,7 @@ def train(
         shots = None
     if shots is not None:
         splits["train"] = k_shot_subset(splits["train"], shots, seed, schema=schema)
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_backbone(backbone)))
+    tokenizer = load_tokenizer(found.path, where=f"the backbone {backbone}", fix=BACKBONE_TOKENIZER_FIX)
     with _datasets_progress(train_options.progress):
         if missing_rate:
             splits = corrupt_missing(splits, missing_rate, seed, schema=schema)
@@ -157,7 +177,8 @@ def train(
     )
 
     fit_started = time.perf_counter()
-    fitted = chosen.fit(setup)
+    with training(train_options.learning_rate):
+        fitted = chosen.fit(setup)
     fit_seconds = time.perf_counter() - fit_started
     shutil.rmtree(setup.work_dir, ignore_errors=True)
 
@@ -177,6 +198,7 @@ def train(
         "task_type": task_type,
         "label_names": label_names,
         "max_length": train_options.max_length,
+        **train_options.quantization,  # evaluate/predict reload the backbone quantized the same way
         "data": data_name,
         "data_schema": schema.to_dict(),
         "data_options": data_options,
@@ -242,6 +264,13 @@ def evaluate(
     The column options read `data` as in `train`; when none is given and `data` is what the run was trained on,
     those the run was trained with are used.
     """
+    check_fraction(missing_rate, "missing_rate", closed=True)
+    check_seed(seed)
+    check_int(batch_size, "batch_size")
+    if not isinstance(split, str) or not split:
+        raise ValueError(f"split={split!r}: name a split of the data, e.g. 'test'.")
+    if reliability_path is not None:
+        check_output_file(reliability_path, "reliability_path", IMAGE_SUFFIXES)
     run = load_run(adapter_dir)
     data_options = _given_data_options(
         text_column=text_column, label_column=label_column, tokens_column=tokens_column, tags_column=tags_column,
@@ -297,6 +326,7 @@ def predict(adapter_dir: str | os.PathLike, texts: Sequence[str], *, batch_size:
     """
     if isinstance(texts, str):
         texts = [texts]
+    check_int(batch_size, "batch_size")
     if not texts:
         raise ValueError("Nothing to predict: pass at least one text.")
     for number, text in enumerate(texts, start=1):
@@ -401,18 +431,29 @@ def read_run_info(adapter_dir: str | os.PathLike) -> dict:
         info = json.loads(info_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{info_path} is not valid JSON ({error}); re-run `peft-umema train`.") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{info_path} holds a JSON {type(info).__name__}, not an object; re-run `peft-umema train`.")
     missing = [key for key in ("method", "backbone", "task_type", "label_names", "max_length") if key not in info]
     if missing:
         raise ValueError(f"{info_path} lacks {missing}; re-run `peft-umema train` to write a complete one.")
+    check_run_info(info, info_path)
     return info
 
 
 def load_run(adapter_dir: str | os.PathLike) -> LoadedRun:
     """Rebuild a run from its folder alone (plus its backbone, named in `umema_run.json`)."""
     info = read_run_info(adapter_dir)
-    method = get_method(info["method"])
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(os.fspath(adapter_dir)))
-    return LoadedRun(method=method, fitted=method.load(Path(adapter_dir), info), tokenizer=tokenizer, info=info)
+    folder = Path(adapter_dir)
+    try:
+        method = get_method(info["method"])
+    except ValueError as error:  # written by a newer version, or edited
+        raise ValueError(f"{folder / RUN_INFO_NAME}: {error}") from None
+    check_run_files(folder, info)  # a damaged file, by name, before torch or peft trip on it
+    check_backbone(info["backbone"], named_in=folder / RUN_INFO_NAME)
+    tokenizer = load_tokenizer(folder, where=f"the run folder {folder}", fix=REPORT_FIXES)
+    with loading_run(folder, method.name):
+        fitted = method.load(folder, info)
+    return LoadedRun(method=method, fitted=fitted, tokenizer=tokenizer, info=info)
 
 
 def run_info_for(model: PeftModel, max_length: int = TrainOptions.max_length) -> dict:
