@@ -428,6 +428,19 @@ def test_an_empty_document_in_class_folders_is_named(tmp_path):
     assert sum(sizes(splits).values()) == 6 and schema.label_names == ("neg", "pos")
 
 
+def test_class_folders_per_split(tmp_path):
+    # aclImdb-like: <split>/<class>/*.txt
+    for split, count in (("train", 4), ("test", 2)):
+        for label in ("neg", "pos"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for number in range(count):
+                (tmp_path / split / label / f"{number}.txt").write_text(f"{split} {label} review {number}")
+    splits, schema = load_data(tmp_path, validation_fraction=0.25)
+    assert schema.label_names == ("neg", "pos")
+    assert sizes(splits) == {"train": 6, "validation": 2, "test": 4}
+    assert all(text.startswith("test ") for text in splits["test"]["text"])
+
+
 @pytest.mark.parametrize("name", ["ploner:", "ploner: ", "ploner:onbc,"])
 def test_an_empty_ploner_domain_list_is_an_error(shared_data, name):
     with pytest.raises(ValueError, match="empty PLONER domain list"):
