@@ -2,11 +2,13 @@
 
     python benchmarks/overhead.py                     # SmolLM2-135M, SEQ_CLS, 8 x 128 tokens
     python benchmarks/overhead.py --model minilm --task TOKEN_CLS
+    python benchmarks/overhead.py --model minilm --bank-sizes 65536 --top-k 32   # + large banks, dense and top-k
 
 Every variant (LoRA, +UM, +EMA, full UMEMA) gets its own copy of the same backbone and the same batch; the
 timings interleave the variants round by round (rotating who goes first), so machine noise hits all of them
 alike. Ratios are given on medians and on minima (the minimum is the run least disturbed by other processes, the
-better estimate on a shared machine). Prints a Markdown table of times, ratios to LoRA and trainable parameters.
+better estimate on a shared machine). Prints a Markdown table of times, ratios to LoRA (and, with --bank-sizes,
+to full UMEMA with the paper's 256-slot bank) and trainable parameters.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ def build(variant_options, args, num_labels):
     common = {"task_type": args.task, "r": args.rank, "lora_alpha": 2 * args.rank}
     config = LoraConfig(**common) if variant_options is None else peft_umema.UMEMAConfig(**common, **variant_options)
     model = get_peft_model(model, config).to(args.device)
+    if isinstance(model.base_model, peft_umema.UMEMAModel):  # a full bank, as after J training steps
+        for modules in model.base_model.umema_modules.values():
+            if modules.memory is not None:
+                modules.memory.bank.fill_count.fill_(modules.memory.bank.memory_size)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, optimizer
 
@@ -77,10 +83,19 @@ def main():
     parser.add_argument("--num-labels", type=int, default=13)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per variant (after one warm-up)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bank-sizes", type=int, nargs="*", default=[],
+                        help="also time full UMEMA with these memory sizes (the paper's is 256)")
+    parser.add_argument("--top-k", type=int, help="with --bank-sizes: also time top-k retrieval from those banks")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
 
-    models = {name: build(options, args, args.num_labels) for name, options in VARIANTS.items()}
+    variants = dict(VARIANTS)
+    for size in args.bank_sizes:
+        variants[f"UMEMA J={size}"] = {"use_um": True, "use_ema": True, "memory_size": size}
+        if args.top_k:
+            variants[f"UMEMA J={size} top-{args.top_k}"] = {**variants[f"UMEMA J={size}"],
+                                                           "retrieval_top_k": args.top_k}
+    models = {name: build(options, args, args.num_labels) for name, options in variants.items()}
     vocab = models["LoRA"][0].get_base_model().config.vocab_size
     generator = torch.Generator().manual_seed(0)
     batch = {
@@ -114,18 +129,21 @@ def main():
                 key = f"{label}_{statistic.__name__}"
                 result[f"{key}_s"] = statistic(times[name])
                 result[f"{key}_ratio"] = statistic(times[name]) / statistic(times["LoRA"])
+                result[f"{key}_vs_umema"] = statistic(times[name]) / statistic(times["UMEMA (full)"])
         results.append(result)
 
     print(f"\nbackbone={args.model} task={args.task} batch={args.batch_size}x{args.seq_len} rank={args.rank} "
           f"device={args.device} threads={torch.get_num_threads()} repeats={args.repeats} "
           f"base params={base_model_params:,}")
-    print("| variant | trainable params | train step median (s) | x LoRA | min x LoRA "
-          "| inference median (s) | x LoRA | min x LoRA |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| variant | trainable params | train step median (s) | x LoRA | min x LoRA | x UMEMA J=256 (median / min) "
+          "| inference median (s) | x LoRA | min x LoRA | x UMEMA J=256 (median / min) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['variant']} | {r['trainable_params']:,} | {r['train_median_s']:.3f} | "
-              f"{r['train_median_ratio']:.3f} | {r['train_min_ratio']:.3f} | {r['inference_median_s']:.3f} | "
-              f"{r['inference_median_ratio']:.3f} | {r['inference_min_ratio']:.3f} |")
+              f"{r['train_median_ratio']:.3f} | {r['train_min_ratio']:.3f} | "
+              f"{r['train_median_vs_umema']:.3f} / {r['train_min_vs_umema']:.3f} | {r['inference_median_s']:.3f} | "
+              f"{r['inference_median_ratio']:.3f} | {r['inference_min_ratio']:.3f} | "
+              f"{r['inference_median_vs_umema']:.3f} / {r['inference_min_vs_umema']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

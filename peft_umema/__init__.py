@@ -4,6 +4,11 @@
 `PeftConfig.from_pretrained` and `PeftModel.from_pretrained` work as for any built-in method.
 """
 
+import logging
+
+# bitsandbytes' CPU backend warns at import when an optional kernel package is missing; keep the CLI's stderr clean
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 from .training.callbacks import MemoryUpdateCallback
 from .training.trainer import UMEMATrainer
 from .tuner.config import UMEMAConfig

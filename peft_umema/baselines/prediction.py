@@ -18,8 +18,7 @@ from peft import PeftModel
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-IGNORE_INDEX = -100
-HEAD_NAMES = ("score", "classifier")
+from ..constants import HEAD_MODULE_NAMES, IGNORE_INDEX
 
 Batches = Iterable[Mapping[str, torch.Tensor]]
 
@@ -93,9 +92,9 @@ def classification_head(model: nn.Module) -> nn.Linear:
     Under PEFT the head is a `ModulesToSaveWrapper`; the active adapter's trained copy is the one that runs.
     """
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    head = next((getattr(base, name) for name in HEAD_NAMES if isinstance(getattr(base, name, None), nn.Module)), None)
+    head = next((getattr(base, name) for name in HEAD_MODULE_NAMES if isinstance(getattr(base, name, None), nn.Module)), None)
     if head is None:
-        raise ValueError(f"{type(base).__name__} has no classification head named one of {HEAD_NAMES}")
+        raise ValueError(f"{type(base).__name__} has no classification head named one of {HEAD_MODULE_NAMES}")
     if isinstance(head, ModulesToSaveWrapper):
         head = head.modules_to_save[head.active_adapters[0]] if head.active_adapters else head.original_module
     if not isinstance(head, nn.Linear):

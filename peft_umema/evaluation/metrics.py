@@ -21,7 +21,8 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
-IGNORE_INDEX = -100
+from ..constants import IGNORE_INDEX
+
 # Floor on the probability of the true class, so that one confident mistake gives a large but finite NLL.
 PROBABILITY_FLOOR = 1e-12
 # Rows of ``probs`` must sum to 1 within this; loose enough for half-precision softmax outputs.

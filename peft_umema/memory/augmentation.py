@@ -39,7 +39,7 @@ class MemoryAugmentation(nn.Module):
         self.gate_hidden = nn.Linear(hidden_size, hidden_size)
         self.gate_context = nn.Linear(hidden_size + uncertainty_dim, hidden_size, bias=False)
         # beta >= 0 through softplus: retrieval only ever softens as uncertainty grows
-        self.uncertainty_sharpness = nn.Parameter(torch.tensor(0.0))
+        self.uncertainty_sharpness = nn.Parameter(torch.zeros(1))  # 1-d: DeepSpeed cannot broadcast 0-d parameters
         nn.init.constant_(self.gate_hidden.bias, gate_bias_init)
 
     def query(self, summary: torch.Tensor, uncertainty_memory: Optional[torch.Tensor]) -> torch.Tensor:
@@ -61,6 +61,18 @@ class MemoryAugmentation(nn.Module):
         top_weights = torch.softmax(best, -1)
         read = (top_weights.unsqueeze(-1) * values[slots]).sum(1)
         return read, torch.zeros_like(scores).scatter(-1, slots, top_weights)
+
+    @torch.no_grad()
+    def novelty(self, query: torch.Tensor) -> torch.Tensor:
+        """[B, d] -> [B]: how far each query lies from what the memory holds, log(1 + mean_k (q_k - mu_k)^2 / var_k)
+        with mu, var the per-dimension mean and variance of the written slots (a diagonal Mahalanobis distance;
+        slots fill from 0 upwards, after wrapping around all are written); 0 while fewer than 2 are written."""
+        filled = int(self.bank.fill_count)
+        if filled < 2:
+            return torch.zeros(query.shape[0], device=query.device)
+        keys = self.bank.keys[:filled].float()
+        mean, variance = keys.mean(0), keys.var(0) + 1e-6
+        return torch.log1p(((query.float() - mean) ** 2 / variance).mean(-1))
 
     def fuse(
         self, hidden: torch.Tensor, read: torch.Tensor, uncertainty_memory: Optional[torch.Tensor]

@@ -12,6 +12,7 @@ from peft.utils import PeftType
 from ..constants import SUPPORTED_TASK_TYPES
 
 CONTEXT_POOLING_OPTIONS = ("auto", "mean", "last")
+TEMPERATURE_TRAINING_OPTIONS = ("detached", "joint")
 # LoRA initialisations that only set the LoRA weights (tested); the others rewrite base weights or need data
 SUPPORTED_LORA_INITS = (True, False, "gaussian")
 # inherited LoRA variants UMEMA does not run: option -> value that means "off"
@@ -73,6 +74,22 @@ class UMEMAConfig(LoraConfig):
     min_temperature: float = field(
         default=0.5, metadata={"help": "T_min of the calibration temperature T = T_min + softplus(...)."}
     )
+    temperature_training: Literal["detached", "joint"] = field(
+        default="detached",
+        metadata={
+            "help": "How training treats UM's temperature T. 'detached' (ours): the loss sees logits / T but no "
+            "gradient reaches T, which is fitted on held-out data by calibrate_uncertainty (training CE would drive it "
+            "to T_min). 'joint' (the paper read literally): T is trained with the rest."
+        },
+    )
+    epistemic_from_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "Add the memory's novelty (the query's diagonal Mahalanobis distance to the written slots) to "
+            "the reported epistemic uncertainty, so it rises on inputs unlike the training data (ours). False = the "
+            "propagation dispersion only (paper)."
+        },
+    )
     confidence_loss_weight: float = field(
         default=0.1,
         metadata={"help": "lambda_c: weight of the confidence term BCE(confidence, prediction is correct) in the loss."},
@@ -131,9 +148,17 @@ class UMEMAConfig(LoraConfig):
             raise ValueError(
                 f"UMEMAConfig(context_pooling={self.context_pooling!r}): choose one of {CONTEXT_POOLING_OPTIONS}."
             )
+        if self.temperature_training not in TEMPERATURE_TRAINING_OPTIONS:
+            raise ValueError(f"UMEMAConfig(temperature_training={self.temperature_training!r}): choose one of "
+                             f"{TEMPERATURE_TRAINING_OPTIONS}.")
         self._check_lora_variant()
 
     def _check_numbers(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"UMEMAConfig(r={self.r!r}): the LoRA rank must be a positive integer.")
+        dropout = self.lora_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"UMEMAConfig(lora_dropout={dropout!r}): must be in [0, 1).")
         positive_ints = {
             "memory_size": self.memory_size,
             "num_tasks": self.num_tasks,

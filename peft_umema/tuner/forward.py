@@ -47,8 +47,12 @@ class CallState:
     blocks: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # index among the last blocks -> H
     head_done: bool = False
     uncertainty: Optional[UncertaintyState] = None
-    temperature: Optional[torch.Tensor] = None  # [B] or [B, T]
+    um_temperature: Optional[torch.Tensor] = None  # T_UM from M_U, [B] or [B, T]
+    temperature: Optional[torch.Tensor] = None  # the temperature applied (T_UM, or the held-out fit of it)
+    novelty: Optional[torch.Tensor] = None  # [B]: how unlike the memory's slots the query is (eval only)
+    raw_logits: Optional[torch.Tensor] = None  # uncalibrated logits at the scored positions
     fused_summary: Optional[torch.Tensor] = None  # [B, d]: what this batch writes into the memory
+    training: bool = False
 
     @property
     def token_level(self) -> bool:
@@ -95,11 +99,33 @@ def _augment_head_input(call: CallState, module, args):
 
 
 def _calibrate_head_output(call: CallState, module, args, output):
-    if call.temperature is None:
+    if call.um_temperature is None:
         return None
-    temperature = call.temperature
+    decoder_sequence = output.dim() == 3 and not call.token_level  # logits at every position, pooled later
+    call.raw_logits = output[torch.arange(output.shape[0], device=output.device), _pool_index(call)] \
+        if decoder_sequence else output
+    temperature = call.um_temperature
+    calibrator = call.modules.uncertainty.calibrator
+    if int(calibrator.fitted):
+        temperature = calibrator(calibration_features(call), temperature)
+    call.temperature = temperature
     temperature = temperature.reshape(temperature.shape + (1,) * (output.dim() - temperature.dim()))
     return output / temperature.to(output.dtype)
+
+
+def calibration_features(call: CallState) -> torch.Tensor:
+    """The held-out temperature fit's inputs per scored position ([B, F] or [B, T, F]; see calibrator.py)."""
+    state = call.uncertainty
+    novelty = call.novelty if call.novelty is not None else torch.zeros(call.mask.shape[0], device=call.mask.device)
+    if call.token_level:
+        length = call.mask.shape[1]
+        return call.modules.uncertainty.calibrator.features(
+            state.memory.unsqueeze(1).expand(-1, length, -1), state.token_aleatoric, state.token_epistemic,
+            novelty.unsqueeze(1).expand(-1, length), call.raw_logits,
+        )
+    return call.modules.uncertainty.calibrator.features(
+        state.memory, state.aleatoric, state.epistemic, novelty, call.raw_logits
+    )
 
 
 @contextlib.contextmanager
@@ -159,7 +185,11 @@ def augment(call: CallState, head_input: torch.Tensor) -> torch.Tensor:
         propagated = blocks[-config.propagation_layers:] if config.propagation_layers else []
         state = modules.uncertainty(embeddings, blocks[0], propagated, mask, task_ids)
         call.uncertainty = state
-        call.temperature = modules.uncertainty.temperature(state)
+        temperature = modules.uncertainty.temperature(state)
+        if call.training and config.temperature_training == "detached":
+            # the loss sees logits / T, but T gets a zero gradient: it is fitted on held-out data instead
+            temperature = temperature.detach() + 0.0 * temperature
+        call.um_temperature = temperature
     memory = modules.memory
     if memory is None:
         return head_input
@@ -173,6 +203,8 @@ def augment(call: CallState, head_input: torch.Tensor) -> torch.Tensor:
         summary = hidden
     uncertainty_memory = state.memory if state is not None else None
     query = memory.query(summary, uncertainty_memory)
+    if not call.training:
+        call.novelty = memory.novelty(query)
     read, _ = memory.retrieve(query, state.total if state is not None else None)
     fused = memory.fuse(hidden, read, uncertainty_memory)
     if fused.dim() == 2:
@@ -201,6 +233,10 @@ def finish_outputs(call: CallState, output):
     else:
         values = (state.sequence_confidence, state.aleatoric, state.epistemic, call.temperature)
     confidence = call.modules.uncertainty.reported_confidence(values[0], logits.detach())
+    epistemic = values[2]
+    if call.novelty is not None and call.config.epistemic_from_memory:
+        epistemic = epistemic + (call.novelty.unsqueeze(-1) if epistemic.dim() == 2 else call.novelty)
+    values = (values[0], values[1], epistemic, values[3])
     for name, value in zip(UNCERTAINTY_OUTPUT_FIELDS, (confidence,) + values[1:]):
         output[name] = value
     return output

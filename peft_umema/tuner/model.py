@@ -90,6 +90,7 @@ class UMEMAModel(LoraModel):
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
         self.__dict__["attach_points"] = {}
         self.__dict__["_umema_enabled"] = True
+        self.__dict__["_call_recorders"] = []
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self.training_log = TrainingLog()
 
@@ -189,6 +190,7 @@ class UMEMAModel(LoraModel):
         call = CallState(
             modules=self.umema_modules[name], config=self.peft_config[name], points=self.attach_points[name],
             mask=mask.bool(), input_ids=input_ids, inputs_embeds=inputs_embeds,
+            training=self.model.training and torch.is_grad_enabled(),
         )
         with hooks_for(self.model, call):
             output = super().forward(*args, **kwargs)
@@ -201,10 +203,22 @@ class UMEMAModel(LoraModel):
             else:
                 terms = joint_loss(call, output, labels, num_items_in_batch)
                 output["loss"] = terms.loss
-        if self.model.training and torch.is_grad_enabled():
+        if call.training:
             queue_memory_write(call)
             self.training_log.add(call, output, terms)
+        for recorder in self._call_recorders:
+            recorder.append(call)
         return output
+
+    @contextlib.contextmanager
+    def recording_calls(self):
+        """Collect the `CallState` of every forward pass inside the block (for held-out fits of UM's outputs)."""
+        calls: list[CallState] = []
+        self._call_recorders.append(calls)
+        try:
+            yield calls
+        finally:
+            self._call_recorders.remove(calls)
 
     # ------------------------------------------------------------------------------------------------------------
     # memory bank

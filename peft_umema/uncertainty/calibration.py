@@ -1,15 +1,18 @@
-"""Calibrate UM on held-out data: its temperature and its reported confidence.
+"""Fit UM's reported temperature and confidence on held-out data (the dev split).
 
-Both are learned from training examples, which the model fits better and better: cross-entropy keeps rewarding
-sharper outputs (T drifts to T_min) and the confidence target "the prediction was right" is almost always 1, so UM's
-confidence saturates. On the dev split, where errors happen, `calibrate_uncertainty` refits by LBFGS:
+Training data cannot teach either: cross-entropy keeps rewarding sharper outputs and the confidence target "the
+prediction was right" is almost always 1 there. On dev, where errors happen, `calibrate_uncertainty` fits
 
-1. three scalars of T(x) = T_min + softplus(s * w.f(x) + b + gain * v(x)) on NLL: the scale s of the learned term,
-   the bias b and the uncertainty gain (kept >= 0, so T still grows with uncertainty). s = 0, gain = 0 is ordinary
-   temperature scaling, so the refit is at least as good on dev NLL;
-2. the confidence map sigmoid(m0 logit(c_UM) + m1 logit(max calibrated prob) + m2) on the binary cross-entropy of
-   "the prediction is correct". m = (0, 1, 0) is the calibrated softmax response, m = (1, 0, 0) UM's own
-   confidence, so the map is at least as good as either on dev.
+1. the temperature (calibrator.py): three candidates, (a) UM's own T_UM, (b) temperature scaling (one constant T),
+   (c) parameterised temperature scaling from UM's features (M_U, aleatoric, epistemic, memory novelty, logit gap and
+   entropy), started at (b). Each is scored by a two-fold check on dev (fit on one half, NLL on the other) and the
+   best is refitted on the whole split, so (c) is kept only where it beats (b) on held-out data;
+2. the reported confidence sigmoid(m0 logit(c_UM) + m1 logit(max calibrated prob) + m2) on the binary
+   cross-entropy of "the prediction is right": UM's own (1, 0, 0), the calibrated softmax response (0, 1, 0), or the
+   fitted stack; the two-fold check keeps the one with the lowest held-out cross-entropy among those that rank errors
+   (AUROC) at least as well as the softmax response.
+
+Other weights and the memory bank are untouched.
 """
 
 from __future__ import annotations
@@ -17,41 +20,58 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .estimator import _EPS, UncertaintyEstimator
+from ..constants import IGNORE_INDEX
+from .calibrator import TEMPERATURE_RANGE, UNCERTAINTY_FEATURES
+from .estimator import _EPS
+
+FOLDS = 2
+L2_PENALTY = 1e-2  # on the standardised feature weights of the parameterised fit
+MAX_ITER = 100
 
 
 @torch.no_grad()
-def _collect(model, estimator: UncertaintyEstimator, dataloader):
-    """Per labelled position: uncalibrated logits, temperature and its inputs, UM confidence, label."""
-    states = []
-    handle = estimator.register_forward_hook(lambda module, args, state: states.append(state))
-    columns = {name: [] for name in ("logits", "temperature", "features", "uncertainty", "um_confidence", "labels")}
+def _collect(model, tuner, adapter: str, dataloader) -> dict[str, torch.Tensor]:
+    """Per labelled position: raw logits, T_UM, calibration features, UM confidence, label, example index."""
+    calibrator = tuner.umema_modules[adapter].uncertainty.calibrator
+    fitted = calibrator.fitted.clone()
+    calibrator.fitted.zero_()  # read T_UM itself
+    columns = {name: [] for name in ("raw_logits", "um_temperature", "features", "um_confidence", "labels", "group")}
+    from ..tuner.forward import calibration_features
+
+    examples = 0
     try:
         model.eval()
         device = next(model.parameters()).device
         for batch in tqdm(dataloader, desc="collecting dev predictions", leave=False):
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
-            output = model(**batch)
-            state = states.pop()
-            features, uncertainty = estimator.temperature_inputs(state)
+            with tuner.recording_calls() as calls:
+                model(**batch)
+            call = calls[-1]
+            state = call.uncertainty
+            valid = labels != IGNORE_INDEX
+            group = torch.arange(examples, examples + labels.shape[0], device=device)
+            examples += labels.shape[0]
+            if labels.dim() == 2:
+                group = group.unsqueeze(1).expand_as(labels)
             um_confidence = state.token_confidence if labels.dim() == 2 else state.sequence_confidence
-            valid = labels != -100
-            temperature = output["temperature"]
-            raw_logits = output["logits"] * temperature.unsqueeze(-1)
-            for name, value in zip(columns, (raw_logits, temperature, features, uncertainty, um_confidence, labels)):
-                columns[name].append(value[valid].float() if name != "labels" else value[valid])
+            values = (call.raw_logits, call.um_temperature, calibration_features(call), um_confidence, labels, group)
+            for name, value in zip(columns, values):
+                columns[name].append(value[valid].float() if name not in ("labels", "group") else value[valid])
     finally:
-        handle.remove()
-    return {name: torch.cat(values) for name, values in columns.items()}
+        calibrator.fitted.copy_(fitted)
+    # float64: LBFGS's line search on a few hundred rows stays well behaved
+    return {name: torch.cat(values).cpu().double() if name not in ("labels", "group") else torch.cat(values).cpu()
+            for name, values in columns.items()}
 
 
-def _lbfgs(parameters, loss_fn, max_iter: int) -> None:
-    optimizer = torch.optim.LBFGS(parameters, lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+def _lbfgs(parameters, loss_fn) -> None:
+    optimizer = torch.optim.LBFGS(parameters, lr=0.5, max_iter=MAX_ITER, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
@@ -62,64 +82,182 @@ def _lbfgs(parameters, loss_fn, max_iter: int) -> None:
     optimizer.step(closure)
 
 
-def calibrate_uncertainty(model, dataloader, adapter_name: Optional[str] = None, max_iter: int = 100) -> dict:
-    """Refit the temperature and the confidence map of the active (or named) UMEMA adapter on `dataloader`
-    (batches with `labels`). Returns dev NLL and confidence BCE before and after; other weights and the memory
-    bank are untouched. A refit that does not improve its dev loss is not applied."""
-    estimator = model.base_model._adapter_modules(adapter_name).uncertainty
+class _TemperatureFit:
+    """Fits one candidate form of log T on the rows `index` of the collected data."""
+
+    def __init__(self, data: dict, memory_dim: int):
+        self.data = data
+        self.memory_dim = memory_dim
+        self.num_uncertainty = len(UNCERTAINTY_FEATURES)
+
+    def _split_weights(self, weights):
+        m, u = self.memory_dim, self.num_uncertainty
+        return weights[:m], weights[m:m + u], weights[m + u:]
+
+    def log_temperature(self, params: dict, index) -> torch.Tensor:
+        features = (self.data["features"][index] - params["mean"]) / params["std"]
+        memory_w, uncertainty_raw, logit_w = self._split_weights(params["weights"])
+        weights = torch.cat([memory_w, F.softplus(uncertainty_raw), logit_w])  # u >= 0: T grows with uncertainty
+        log_t = params["bias"] + params["um_weight"] * torch.log(self.data["um_temperature"][index]) + features @ weights
+        return log_t.clamp(*(math.log(bound) for bound in TEMPERATURE_RANGE))
+
+    def nll(self, params: dict, index) -> torch.Tensor:
+        logits = self.data["raw_logits"][index] / self.log_temperature(params, index).exp().unsqueeze(-1)
+        return F.cross_entropy(logits, self.data["labels"][index])
+
+    def fit(self, form: str, index) -> dict:
+        features = self.data["features"][index]
+        num_features = features.shape[1]
+        params = {
+            "bias": torch.zeros((), dtype=torch.float64), "um_weight": torch.zeros((), dtype=torch.float64),
+            "weights": torch.cat([torch.zeros(self.memory_dim), torch.full((self.num_uncertainty,), -8.0),
+                                  torch.zeros(num_features - self.memory_dim - self.num_uncertainty)]).double(),
+            "mean": features.mean(0), "std": features.std(0).clamp_min(1e-4) if len(index) > 1 else
+            torch.ones(num_features, dtype=torch.float64),
+        }
+        if form == "identity":
+            params["um_weight"] = torch.ones((), dtype=torch.float64)
+            return params
+        bias = params["bias"].clone().requires_grad_(True)
+        _lbfgs([bias], lambda: self.nll({**params, "bias": bias}, index))
+        params["bias"] = bias.detach()
+        if form == "constant":
+            return params
+        trained = {name: params[name].clone().requires_grad_(True) for name in ("bias", "um_weight", "weights")}
+
+        def loss():
+            memory_w, uncertainty_raw, logit_w = self._split_weights(trained["weights"])
+            penalty = memory_w.square().sum() + F.softplus(uncertainty_raw).square().sum() + logit_w.square().sum()
+            return self.nll({**params, **trained}, index) + L2_PENALTY * penalty
+
+        _lbfgs(list(trained.values()), loss)
+        fitted = {**params, **{name: value.detach() for name, value in trained.items()}}
+        if not torch.isfinite(self.nll(fitted, index)):
+            return params  # the constant fit
+        return fitted
+
+    def effective(self, params: dict) -> dict:
+        memory_w, uncertainty_raw, logit_w = self._split_weights(params["weights"])
+        return {**params, "weights": torch.cat([memory_w, F.softplus(uncertainty_raw), logit_w])}
+
+
+def _folds(groups: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two folds by example (tokens of one sentence stay together)."""
+    fold_of = groups % FOLDS
+    return [(torch.nonzero(fold_of != k).squeeze(1), torch.nonzero(fold_of == k).squeeze(1)) for k in range(FOLDS)]
+
+
+def _held_out(score_fn, groups: torch.Tensor) -> Optional[float]:
+    folds = _folds(groups)
+    if any(len(train) < 2 or len(test) < 1 for train, test in folds):
+        return None
+    return float(sum(score_fn(train, test) * len(test) for train, test in folds) / len(groups))
+
+
+def _fit_temperature(estimator, data: dict) -> dict:
+    fit = _TemperatureFit(data, estimator.calibrator.memory_dim)
+    everything = torch.arange(len(data["labels"]))
+    report = {}
+    for form in ("identity", "constant", "parameterised"):
+        report[f"dev_nll_{form}_held_out"] = _held_out(
+            lambda train, test, form=form: float(fit.nll(fit.fit(form, train), test)), data["group"]
+        )
+    held_out = {form: report[f"dev_nll_{form}_held_out"] for form in ("identity", "constant", "parameterised")}
+    if any(value is None for value in held_out.values()):
+        chosen = "constant"  # too little data for the two-fold check: plain temperature scaling
+    else:
+        chosen = min(held_out, key=lambda form: (held_out[form], form != "constant"))
+    report["dev_nll_before"] = float(fit.nll(fit.fit("identity", everything), everything))
+    report["dev_nll_constant"] = float(fit.nll(fit.fit("constant", everything), everything))
+    if chosen == "identity" and report["dev_nll_before"] > report["dev_nll_constant"]:
+        chosen = "constant"  # never worse than temperature scaling on the split it is fitted on
+    params = fit.fit(chosen, everything)
+    report["dev_nll_after"] = float(fit.nll(params, everything))
+    report["temperature_fit"] = chosen
+    calibrator = estimator.calibrator
+    with torch.no_grad():
+        if chosen == "identity":
+            calibrator.reset()
+        else:
+            effective = fit.effective(params)
+            calibrator.bias.fill_(float(effective["bias"]))
+            calibrator.um_weight.fill_(float(effective["um_weight"]))
+            calibrator.weights.copy_(effective["weights"])
+            calibrator.feature_mean.copy_(effective["mean"])
+            calibrator.feature_std.copy_(effective["std"])
+            calibrator.fitted.fill_(1)
+    data["temperature"] = fit.log_temperature(params, everything).exp()
+    return report
+
+
+def _auroc(confidence: torch.Tensor, correct: torch.Tensor) -> float:
+    from ..evaluation.metrics import error_detection_auroc
+
+    value = error_detection_auroc(confidence.numpy(), correct.numpy().astype(bool))
+    return -1.0 if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def _fit_confidence(estimator, data: dict) -> dict:
+    probs = torch.softmax(data["raw_logits"] / data["temperature"].unsqueeze(-1), -1)
+    correct = (probs.argmax(-1) == data["labels"]).double()
+    inputs = torch.stack([torch.logit(data["um_confidence"], eps=_EPS), torch.logit(probs.amax(-1), eps=_EPS)], -1)
+    candidates = {"um": torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64),
+                  "softmax": torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)}
+
+    def confidence(weights, index):
+        return torch.sigmoid(inputs[index] @ weights[:2] + weights[2])
+
+    def bce(weights, index):
+        return float(F.binary_cross_entropy(confidence(weights, index).clamp(_EPS, 1 - _EPS), correct[index]))
+
+    def stacked(index):
+        start = min(candidates.values(), key=lambda weights: bce(weights, index)).clone().requires_grad_(True)
+        _lbfgs([start], lambda: F.binary_cross_entropy_with_logits(inputs[index] @ start[:2] + start[2],
+                                                                    correct[index]))
+        return start.detach()
+
+    report = {"dev_confidence_bce_before": bce(estimator.confidence_map.detach().double(), slice(None))}
+    if not 0 < float(correct.mean()) < 1:  # needs both right and wrong predictions to learn from
+        report.update(dev_confidence_bce_after=report["dev_confidence_bce_before"], confidence_fit="unchanged")
+        return report
+    fits = {**{name: (lambda index, w=w: w) for name, w in candidates.items()}, "stacked": stacked}
+    held_out = {}
+    for name, fit in fits.items():
+        bce_value = _held_out(lambda train, test, fit=fit: bce(fit(train), test), data["group"])
+        auroc_value = _held_out(lambda train, test, fit=fit: _auroc(confidence(fit(train), test), correct[test]),
+                                data["group"])
+        held_out[name] = (bce_value, auroc_value)
+        report[f"dev_confidence_bce_{name}_held_out"] = bce_value
+        report[f"dev_confidence_auroc_{name}_held_out"] = auroc_value
+    if any(value is None for pair in held_out.values() for value in pair):
+        chosen = "softmax"
+    else:
+        floor = held_out["softmax"][1]
+        eligible = [name for name, (_, auroc_value) in held_out.items() if auroc_value >= floor - 1e-9]
+        chosen = min(eligible, key=lambda name: held_out[name][0])
+    weights = fits[chosen](torch.arange(len(correct)))
+    estimator.confidence_map.copy_(weights.to(estimator.confidence_map))
+    report["dev_confidence_bce_after"] = bce(weights, slice(None))
+    report["confidence_fit"] = chosen
+    return report
+
+
+def calibrate_uncertainty(model, dataloader, adapter_name: Optional[str] = None) -> dict:
+    """Fit the reported temperature and confidence of the active (or named) UMEMA adapter on `dataloader`
+    (batches with `labels`, e.g. the dev split). Returns the held-out scores of every candidate and what was chosen
+    (`temperature_fit`: identity / constant / parameterised; `confidence_fit`: um / softmax / stacked)."""
+    tuner = model.base_model
+    adapter = adapter_name or tuner._single_active_adapter()
+    estimator = tuner._adapter_modules(adapter).uncertainty
     if estimator is None:
         raise ValueError("This adapter has use_um=False: there is no UM temperature or confidence to calibrate.")
-    data = _collect(model, estimator, dataloader)
-    labels = data["labels"]
-    if labels.numel() == 0:
+    if adapter not in tuner.active_adapters:
+        raise ValueError(f"Adapter {adapter!r} is not active; call set_adapter({adapter!r}) first.")
+    data = _collect(model, tuner, adapter, dataloader)
+    if data["labels"].numel() == 0:
         raise ValueError("The calibration data has no labelled examples.")
-    report = {}
-
-    proj = estimator.temperature_proj
-    learned = (data["features"] @ proj.weight.detach().float().T).squeeze(-1)
-    scale = torch.ones((), requires_grad=True)
-    bias = proj.bias.detach().float().clone().squeeze().requires_grad_(True)
-    gain = estimator.uncertainty_gain.detach().float().clone().requires_grad_(True)
-
-    def temperature():
-        return estimator.min_temperature + F.softplus(scale * learned + bias + F.softplus(gain) * data["uncertainty"])
-
-    def nll():
-        return F.cross_entropy(data["logits"] / temperature().unsqueeze(-1), labels)
-
-    report["dev_nll_before"] = nll().item()
-    _lbfgs([scale, bias, gain], nll, max_iter)
-    report["dev_nll_after"] = nll().item()
-    report["temperature_refit"] = math.isfinite(report["dev_nll_after"]) and report["dev_nll_after"] < report[
-        "dev_nll_before"
-    ]
-    if report["temperature_refit"]:
-        with torch.no_grad():
-            proj.weight.mul_(scale.to(proj.weight))
-            proj.bias.fill_(bias.item())
-            estimator.uncertainty_gain.fill_(gain.item())
-    else:
-        report["dev_nll_after"] = report["dev_nll_before"]
-
-    with torch.no_grad():
-        final_temperature = temperature() if report["temperature_refit"] else data["temperature"]
-        probs = torch.softmax(data["logits"] / final_temperature.unsqueeze(-1), -1)
-        correct = (probs.argmax(-1) == labels).float()
-        inputs = torch.stack(
-            [torch.logit(data["um_confidence"], eps=_EPS), torch.logit(probs.amax(-1), eps=_EPS)], -1
-        )
-    weights = estimator.confidence_map.detach().float().clone().requires_grad_(True)
-
-    def confidence_bce():
-        return F.binary_cross_entropy_with_logits(inputs @ weights[:2] + weights[2], correct)
-
-    report["dev_confidence_bce_before"] = confidence_bce().item()
-    if 0 < float(correct.mean()) < 1:  # needs both right and wrong predictions to learn from
-        _lbfgs([weights], confidence_bce, max_iter)
-    report["dev_confidence_bce_after"] = confidence_bce().item()
-    report["confidence_refit"] = report["dev_confidence_bce_after"] < report["dev_confidence_bce_before"]
-    if report["confidence_refit"]:
-        estimator.confidence_map.copy_(weights.detach().to(estimator.confidence_map))
-    else:
-        report["dev_confidence_bce_after"] = report["dev_confidence_bce_before"]
+    report = {"calibration_examples": int(np.unique(data["group"].numpy()).size),
+              "calibration_positions": int(data["labels"].numel())}
+    report.update(_fit_temperature(estimator, data))
+    report.update(_fit_confidence(estimator, data))
     return report

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .calibrator import TemperatureCalibrator
+
 _EPS = 1e-6
 
 
@@ -101,10 +103,12 @@ class UncertaintyEstimator(nn.Module):
         )
         # calibration: T = T_min + softplus(w . features + b + gamma * v), gamma >= 0 keeps T increasing in v
         self.temperature_proj = nn.Linear(memory_dim + (2 if token_level else 0), 1)
-        self.uncertainty_gain = nn.Parameter(torch.tensor(0.0))
+        self.uncertainty_gain = nn.Parameter(torch.zeros(1))  # 1-d: DeepSpeed cannot broadcast 0-d parameters
         # reported confidence = sigmoid(m0 logit(c_UM) + m1 logit(max calibrated prob) + m2): identity until a
         # dev refit (calibration.py) sets it; a buffer, since training data has too few errors to learn it from
         self.register_buffer("confidence_map", torch.tensor([1.0, 0.0, 0.0]))
+        # the temperature reported after a held-out fit (calibrator.py); the identity until then
+        self.calibrator = TemperatureCalibrator(memory_dim)
         self.reset_calibration()
 
     def reset_calibration(self) -> None:
