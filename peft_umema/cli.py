@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="score on a fixed seeded subset of this many test examples")
     _add_training_options(compare, defaults)
     compare.set_defaults(handler=_compare)
+    _add_reproduce(commands)
     for command in commands.choices.values():  # `peft-umema train ... --debug` as well as `peft-umema --debug train`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help=f"show the traceback of an error (or set {DEBUG_ENV}=1)")
@@ -126,6 +127,21 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _add_reproduce(commands) -> None:
+    """`peft-umema reproduce`: the paper's evaluation as a resumable grid (options in experiments/reproduce.py)."""
+    from .experiments import reproduce
+
+    parser = commands.add_parser(
+        "reproduce", help="run the paper's studies as a resumable grid of cells, or rebuild their report",
+        description="Run the paper's section-4 studies (main, ablation, lr, missing, calibration, overhead) as one "
+        "run folder per cell (finished cells are skipped, a killed cell is redone), then write results.md, figures "
+        "and one JSON per study. --report rebuilds them from the run folders alone.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    reproduce.add_arguments(parser)
+    parser.set_defaults(handler=reproduce.run_from_args)
 
 
 def _add_model_and_data(parser: argparse.ArgumentParser, defaults: run.TrainOptions) -> None:

@@ -306,11 +306,30 @@ register_method(LoRAMethod())
 
 
 def lora_options(options: TrainOptions, model: torch.nn.Module) -> dict:
-    """The LoRA settings every method shares, so that comparisons differ in the method only."""
+    """The LoRA settings every method shares, so that comparisons differ in the method only.
+
+    A BERT-style pooler (dense + tanh on the first token, which BERT's sequence classifiers read) is trained in full
+    (`modules_to_save`) instead of getting LoRA: in sentence-embedding checkpoints such as all-MiniLM-L6-v2 it was
+    never trained for classification (its bias is all zeros). Plain LoRA on MiniLM, SemEval-2010 at 1000 shots,
+    seed 0, lr 1e-3, 5 epochs, batch 16, 128 tokens: with LoRA on the pooler it predicted the majority class at
+    every epoch (test accuracy 0.167, macro-F1 0.015); with the pooler trained, 0.585 and 0.453 (full test split).
+    """
     target_modules = options.target_modules
     if target_modules == "all-linear":
         target_modules = linear_layers_but_head(model)
-    return {"r": options.rank, "lora_alpha": 2 * options.rank, "lora_dropout": 0.1, "target_modules": target_modules}
+    settings = {"r": options.rank, "lora_alpha": 2 * options.rank, "lora_dropout": 0.1, "target_modules": target_modules}
+    poolers = pooler_modules(model)
+    if poolers:
+        settings["modules_to_save"] = poolers
+    return settings
+
+
+def pooler_modules(model: torch.nn.Module) -> list[str]:
+    """Names of the BERT-style poolers the model's head reads (`bert.pooler`); token classifiers have none."""
+    return sorted({
+        name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] == "pooler" and module is not None and any(True for _ in module.parameters())
+    })
 
 
 def linear_layers_but_head(model: torch.nn.Module) -> list[str]:

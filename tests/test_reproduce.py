@@ -1,0 +1,322 @@
+"""`peft-umema reproduce` end to end on a tiny random BERT and tiny slices of SemEval-2010 Task 8 and WNUT-2017:
+cells written, a rerun skips them, a killed cell is redone, the report rebuilds the tables from the folders alone."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_cli import PNG_SIGNATURE, save_relation_slice, save_tiny_backbone
+from test_methods import save_wnut17_slice
+
+from peft_umema.cli import main
+from peft_umema.experiments import reproduce as rp
+
+TRAINING = ["--shots", "16", "--max-steps", "2", "--epochs", "1", "--batch-size", "8", "--max-length", "32",
+            "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory) -> str:
+    return str(save_tiny_backbone(tmp_path_factory.mktemp("tiny-bert")))
+
+
+@pytest.fixture(scope="module")
+def relations(shared_data, tmp_path_factory) -> str:
+    return str(save_relation_slice(shared_data, tmp_path_factory.mktemp("semeval"), train_records=80, test_records=24))
+
+
+@pytest.fixture(scope="module")
+def tweets(shared_data, tmp_path_factory) -> str:
+    return str(save_wnut17_slice(shared_data, tmp_path_factory.mktemp("wnut17"), sentences=40))
+
+
+def grid_command(backbone, datasets, output_dir, *extra):
+    return ["reproduce", "--backbone", backbone, "--datasets", *datasets, "--output-dir", str(output_dir),
+            *TRAINING, *extra]
+
+
+def finished_cells(output_dir: Path) -> dict[str, float]:
+    """key -> mtime of cell.json, for every finished cell."""
+    return {
+        str(path.parent.relative_to(output_dir / rp.CELLS_DIR)): path.stat().st_mtime_ns
+        for path in (output_dir / rp.CELLS_DIR).glob(f"**/{rp.CELL_NAME}")
+    }
+
+
+ABLATION_AND_CALIBRATION = ("--study", "ablation", "calibration", "--methods", "lora", "umema", "--seeds", "0", "1",
+                            "--tune-lrs", "1e-3", "5e-3")
+
+
+@pytest.fixture(scope="module")
+def grid_run(tiny_backbone, relations, tweets, tmp_path_factory):
+    """Ablation + calibration (LoRA and UMEMA) on both slices, two seeds, the learning rate tuned on dev."""
+    output_dir = tmp_path_factory.mktemp("reproduce") / "grid"
+    command = grid_command(tiny_backbone, [relations, tweets], output_dir, *ABLATION_AND_CALIBRATION, "--jobs", "1")
+    assert main(command) == 0
+    return command, output_dir
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Plans (no training)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_default_plan_follows_the_paper():
+    grid = rp.Grid()
+    assert list(grid.datasets) == ["20newsgroups", "semeval2010_task8", "wnut17", "ploner"]
+    assert list(grid.shots) == [200, 500, 1000] and list(grid.seeds) == [0, 1, 2]
+    def lr(backbone, data):
+        return 1e-3
+
+    counts = {study: len(rp.study_cells(study, grid, lr)) for study in rp.STUDIES}
+    assert counts["ablation"] == 4 * 3 * 3 * 4
+    assert counts["lr"] == 4 * 3 * 3 * 2 * 5
+    assert counts["missing"] == 4 * 3 * 3 * 2 * 6
+    assert counts["calibration"] == 4 * 1 * 3 * 8
+    assert counts["overhead"] == 4 * 1 * 3 * 4
+    ablation = rp.study_cells("ablation", grid, lr)
+    assert {cell.variant for cell in ablation} == {"lora", "+um", "+ema", "umema"}
+    assert {(cell.method, cell.flags.get("use_um"), cell.flags.get("use_ema")) for cell in ablation} == {
+        ("lora", True, True), ("umema", True, False), ("umema", False, True), ("umema", True, True)}
+    assert {cell.learning_rate for cell in rp.study_cells("lr", grid, lr)} == {5e-5, 1e-4, 2e-4, 5e-4, 1e-3}
+    assert {cell.missing_rate for cell in rp.study_cells("missing", grid, lr)} == {0, 0.1, 0.2, 0.3, 0.4, 0.5}
+    calibration = rp.study_cells("calibration", grid, lr)
+    assert {cell.shots for cell in calibration} == {1000}
+    assert {"lora", "lora+ts", "mcdropout", "ensemble", "swag", "laplace", "adue", "umema"} == {
+        cell.variant for cell in calibration}
+    assert all(cell.settings.epochs == 1 for cell in rp.study_cells("overhead", grid, lr))
+
+    # shared cells run once; the most informative come first: 1000 shots, seed 0, the ablation
+    by_study = {study: rp.study_cells(study, grid, lr) for study in rp.STUDIES if study != "overhead"}
+    cells = rp.ordered(by_study, grid)
+    assert len(cells) == len(set().union(*map(set, by_study.values())))
+    assert len(cells) < sum(map(len, by_study.values()))
+    assert (cells[0].shots, cells[0].seed, cells[0].variant) == (1000, 0, "lora")
+    assert [cell.variant for cell in cells[:4]] == ["lora", "+um", "+ema", "umema"]
+    assert cells[-1].shots == 200 and cells[-1].seed == 2
+    assert len({cell.key for cell in cells}) == len(cells)  # one folder per cell
+
+
+def test_without_a_learning_rate_only_lr_cells_are_planned_until_tuning():
+    grid = rp.Grid(datasets=["wnut17"], shots=[1000], seeds=[0])
+    tuning = rp.tune_cells(grid)
+    assert [(cell.variant, cell.shots, cell.seed) for cell in tuning] == [("lora", 1000, 0)] * 5
+    assert rp.study_cells("ablation", grid, lambda backbone, data: None) == []
+    assert len(rp.study_cells("lr", grid, lambda backbone, data: None)) == 2 * 5
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tiny_backbone, relations, tmp_path, capsys):
+    output_dir = tmp_path / "dry"
+    command = grid_command(tiny_backbone, [relations], output_dir, "--study", "all", "--seeds", "0", "1", "--lr",
+                           "5e-3", "--dry-run")
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    assert "Plan:" in printed and "ablation: 8 cells (8 to run)" in printed
+    assert "overhead: 8 cells" in printed and "calibration: 16 cells" in printed
+    assert not (output_dir / rp.CELLS_DIR).exists()
+
+
+def test_bad_arguments_fail_before_training(tiny_backbone, relations, tmp_path, capsys):
+    base = grid_command(tiny_backbone, [relations], tmp_path / "bad", "--study", "ablation", "--lr", "1e-3")
+    assert main(base + ["--methods", "nonsense"]) == 2
+    assert "Unknown method(s) ['nonsense']" in capsys.readouterr().err
+    assert main(base + ["--seeds", "0", "0"]) == 2
+    assert not (tmp_path / "bad" / rp.CELLS_DIR).exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Running, resuming, reporting
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_every_cell_is_a_finished_run_folder(grid_run):
+    _, output_dir = grid_run
+    records = rp.all_records(output_dir)
+    tune = rp.read_plan(output_dir, rp.TUNE)["cells"]
+    ablation = rp.read_plan(output_dir, "ablation")["cells"]
+    calibration = rp.read_plan(output_dir, "calibration")["cells"]
+    assert len(tune) == 2 * 2 and len(ablation) == 2 * 2 * 2
+    assert set(calibration) == set(ablation)  # shared cells: one folder, listed by both studies
+    assert set(records) == set(tune) | set(ablation)
+    for key, record in records.items():
+        folder = output_dir / rp.CELLS_DIR / key
+        assert record["key"] == key and record["cell"]["settings"]["max_steps"] == 2
+        assert record["sizes"]["train"] == 16
+        assert record["task_type"] in ("SEQ_CLS", "TOKEN_CLS")
+        assert record["trainable_parameters"] > 0 and record["timings"]["wall_seconds"] > 0
+        assert record["memory"]["peak_bytes"] > 0
+        assert (folder / rp.PREDICTIONS_NAME).is_file() and (folder / rp.LOG_NAME).is_file()
+        assert not (folder / rp.LOCK_NAME).exists()
+        assert not list((folder / rp.RUN_DIR).glob("*.safetensors"))  # adapters dropped without --keep-adapters
+    # the full test splits of the slices are scored
+    sizes = {record["task_type"]: record["sizes"]["test"] for record in records.values()}
+    assert sizes == {"SEQ_CLS": 24, "TOKEN_CLS": 40}
+
+    # every study cell uses the learning rate LoRA scored best with on dev
+    selection = rp.select_learning_rates(records[key] for key in tune)
+    assert len(selection) == 2
+    for key in ablation:
+        cell = records[key]["cell"]
+        picked = next(value for (backbone, data, _), value in selection.items() if data == cell["data"])
+        assert cell["learning_rate"] == picked["learning_rate"]
+
+
+def test_rerun_skips_finished_cells(grid_run, capsys):
+    command, output_dir = grid_run
+    before = finished_cells(output_dir)
+    assert main(command) == 0
+    assert "0 cells run" in capsys.readouterr().out
+    assert finished_cells(output_dir) == before
+
+
+def test_a_cell_without_cell_json_is_redone(grid_run, capsys):
+    command, output_dir = grid_run
+    before = finished_cells(output_dir)
+    victim = sorted(before)[1]
+    folder = output_dir / rp.CELLS_DIR / victim
+    (folder / rp.CELL_NAME).unlink()  # as if killed before the end
+    (folder / "half-written.bin").write_bytes(b"junk")
+    (folder / rp.LOCK_NAME).write_text("999999999 12345")  # its process is gone
+    assert main([*command[:-2], "--jobs", "1"]) == 0
+    assert "1 cells run" in capsys.readouterr().out
+    after = finished_cells(output_dir)
+    assert set(after) == set(before)
+    assert after[victim] != before[victim]
+    assert {key: mtime for key, mtime in after.items() if key != victim} == {
+        key: mtime for key, mtime in before.items() if key != victim}
+    assert not (folder / "half-written.bin").exists()
+
+
+def test_report_rebuilds_tables_and_figures_from_the_folders_alone(grid_run, tmp_path):
+    _, output_dir = grid_run
+    moved = tmp_path / "copied-results"
+    shutil.copytree(output_dir, moved)  # no report, no data, nothing but the run folders
+    shutil.rmtree(moved / "report")
+    report_dir, protocol_dir = tmp_path / "docs", tmp_path / "docs" / "protocol"
+    assert main(["reproduce", "--report", "--output-dir", str(moved), "--report-dir", str(report_dir),
+                 "--protocol-dir", str(protocol_dir)]) == 0
+
+    markdown = (report_dir / "results.md").read_text()
+    for title in ("## Learning rate chosen on dev", "## Ablation (`ablation`)", "## Calibration"):
+        assert title in markdown
+    assert "Accuracy / ECE" in markdown and "Span F1 / ECE" in markdown
+    ablation_table = markdown.split("## Ablation")[1].split("## Calibration")[0]
+    rows = [line for line in ablation_table.splitlines() if line.startswith(("| LoRA", "| UMEMA"))]
+    assert len(rows) == 2 and all(line.count(" ± ") == 4 for line in rows)
+    assert "peft-umema reproduce --study ablation calibration" in markdown  # the exact command
+    assert "wall" in markdown
+
+    for study in ("tune", "ablation", "calibration"):
+        document = json.loads((protocol_dir / f"{study}.json").read_text())
+        assert document["complete"] and document["finished_cells"] == document["planned_cells"] > 0
+        assert document["invocations"][0]["command"].startswith("peft-umema reproduce")
+        assert all(cell["status"] == "finished" and "ece" in cell["test"] for cell in document["cells"])
+    summary = json.loads((protocol_dir / "ablation.json").read_text())["summary"]
+    assert {(row["variant"], row["score"]["n"]) for row in summary} == {("lora", 2), ("umema", 2)}
+
+    figures = sorted(path.name for path in (report_dir / "figures").glob("*.png"))
+    assert any(name.endswith("_overlay.png") for name in figures)
+    assert sum(name.startswith("reliability_") and not name.endswith("_overlay.png") for name in figures) == 4
+    for name in figures:
+        assert (report_dir / "figures" / name).read_bytes().startswith(PNG_SIGNATURE)
+        assert f"figures/{name}" in markdown
+
+
+def test_curves_and_a_second_invocation_in_the_same_folder(grid_run, tiny_backbone, relations):
+    """lr and missing studies added later: shared cells are reused, curves drawn, plans merged."""
+    _, output_dir = grid_run
+    before = finished_cells(output_dir)
+    assert main(grid_command(tiny_backbone, [relations], output_dir, "--study", "lr", "missing", "--methods", "lora",
+                             "--seeds", "0", "--tune-lrs", "1e-3", "5e-3", "--learning-rates", "1e-3", "5e-3",
+                             "--missing-rates", "0", "0.3")) == 0
+    after = finished_cells(output_dir)
+    assert len(set(after) - set(before)) == 1  # lr cells = tuning cells, missing rate 0 = the ablation's cell
+    new = rp.all_records(output_dir)[next(iter(set(after) - set(before)))]
+    assert new["cell"]["missing_rate"] == 0.3 and new["cell"]["variant"] == "lora"
+    markdown = (output_dir / "report" / "results.md").read_text()
+    assert "## Learning-rate sensitivity" in markdown and "## Missing-information robustness" in markdown
+    assert (output_dir / "report" / "figures" / f"lr_{Path(tiny_backbone).name}_16shots.png").is_file()
+    assert (output_dir / "report" / "figures" / f"missing_{Path(tiny_backbone).name}_16shots.png").is_file()
+    # the earlier studies are still reported
+    assert "## Ablation" in markdown
+    invocations = json.loads((output_dir / "report" / "protocol" / "tune.json").read_text())["invocations"]
+    assert invocations[0]["command"].startswith("peft-umema reproduce --study ablation calibration")
+    assert invocations[-1]["command"].startswith("peft-umema reproduce --study lr missing")
+
+
+def test_overhead_cells_run_alone_in_fresh_processes(tiny_backbone, relations, tmp_path):
+    output_dir = tmp_path / "overhead"
+    assert main(grid_command(tiny_backbone, [relations], output_dir, "--study", "overhead", "--methods", "lora",
+                             "umema", "--seeds", "0", "--lr", "5e-3")) == 0
+    records = list(rp.all_records(output_dir).values())
+    assert sorted(record["cell"]["variant"] for record in records) == ["lora", "umema"]
+    for record in records:
+        assert record["cell"]["kind"] == "overhead" and record["memory"]["fresh_process"] is True
+        assert record["timings"]["train_seconds_per_epoch"] > 0
+    by_variant = {record["cell"]["variant"]: record for record in records}
+    assert by_variant["umema"]["trainable_parameters"] > by_variant["lora"]["trainable_parameters"]
+    markdown = (output_dir / "report" / "results.md").read_text()
+    assert "Train s / epoch" in markdown and "Peak memory (MiB)" in markdown
+    chart = output_dir / "report" / "figures" / f"overhead_{Path(tiny_backbone).name}.png"
+    assert chart.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_a_killed_run_loses_only_the_cells_in_progress(tiny_backbone, relations, tmp_path):
+    """Two jobs side by side, the whole process group killed with SIGKILL once a cell is under way."""
+    output_dir = tmp_path / "killed"
+    command = grid_command(tiny_backbone, [relations], output_dir, "--study", "ablation", "--methods", "lora",
+                           "umema", "--seeds", "0", "--lr", "5e-3", "--jobs", "2")
+    command[command.index("--max-steps") + 1] = "40"  # long enough to be caught in the middle
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "peft_umema.cli", *command], env=environment,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        locks = []
+        while time.monotonic() < deadline and process.poll() is None:
+            locks = list((output_dir / rp.CELLS_DIR).glob(f"**/{rp.LOCK_NAME}"))
+            if locks and (locks[0].parent / rp.LOG_NAME).is_file():
+                break
+            time.sleep(0.05)
+        assert locks, "no cell started"
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    killed = locks[0].parent
+    assert not (killed / rp.CELL_NAME).exists()
+    finished_before = finished_cells(output_dir)
+    assert len(finished_before) < 2
+
+    command[command.index("--jobs") + 1] = "1"
+    assert main(command) == 0
+    after = finished_cells(output_dir)
+    assert len(after) == 2 and str(killed.relative_to(output_dir / rp.CELLS_DIR)) in after
+    assert all(after[key] == mtime for key, mtime in finished_before.items())
+    records = rp.all_records(output_dir)
+    assert not list((output_dir / rp.CELLS_DIR).glob(f"**/{rp.LOCK_NAME}"))
+    # the cells the workers finished ran in fresh processes, the redone ones in this one
+    assert {records[key]["memory"]["fresh_process"] for key in finished_before} <= {True}
+    assert {records[key]["memory"]["fresh_process"] for key in set(after) - set(finished_before)} == {False}
+
+
+def test_calibration_baselines_run_in_smoke_cells(tiny_backbone, relations, tmp_path):
+    """Under --max-steps SWAG collects from step 0 (its default, epoch 1 on, would collect nothing)."""
+    output_dir = tmp_path / "calibration"
+    assert main(grid_command(tiny_backbone, [relations], output_dir, "--study", "calibration", "--methods", "lora+ts",
+                             "swag", "--seeds", "0", "--lr", "5e-3")) == 0
+    records = {record["cell"]["variant"]: record for record in rp.all_records(output_dir).values()}
+    assert set(records) == {"lora+ts", "swag"}
+    assert records["swag"]["method_options"] == {"start_epoch": 0.0}
+    assert records["swag"]["method_details"]["snapshots"]["swag"] > 0
+    assert records["lora+ts"]["method_options"] == {}
+    assert "temperature" in json.dumps(records["lora+ts"]["method_details"])
+    markdown = (output_dir / "report" / "results.md").read_text()
+    assert "| lora+ts |" in markdown and "| swag |" in markdown
