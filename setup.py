@@ -19,6 +19,8 @@ setup(
         "torchmetrics>=1.4",
         "matplotlib>=3.7",
         "tqdm>=4.66",
+        # QLoRA (--load-in-4bit / --load-in-8bit); 0.50 runs 4-bit and 8-bit layers on CPU too
+        "bitsandbytes>=0.50",
         # the calibration metrics as an `evaluate` module (peft_umema.evaluation.calibration_metric)
         "evaluate>=0.4.6,<0.5",
         # what laplace-torch, BackPACK and Curvlinops need (the `laplace` baseline); those three come with
@@ -34,7 +36,10 @@ setup(
     extras_require={
         # the offline demo backbones/data and laplace-torch are installed with --no-deps from requirements-offline.txt
         "demo": ["gguf>=0.10"],
-        "test": ["pytest>=8", "gguf>=0.10"],
+        # DeepSpeed ZeRO-2/3 (tests/test_distributed.py; on CPU without a C++ compiler the tests route its
+        # collectives through gloo). pip builds it as a pure-Python wheel, no CUDA or compiler needed to install.
+        "deepspeed": ["deepspeed>=0.19,<0.20"],
+        "test": ["pytest>=8", "gguf>=0.10", "deepspeed>=0.19,<0.20"],
     },
     entry_points={"console_scripts": ["peft-umema=peft_umema.cli:main"]},
 )

@@ -191,12 +191,19 @@ def _add_training_options(parser: argparse.ArgumentParser, defaults: run.TrainOp
     parser.add_argument("--max-steps", type=max_steps_value, default=defaults.max_steps,
                         help="stop after this many optimizer steps (-1: train for --epochs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    quantization = parser.add_mutually_exclusive_group()
+    quantization.add_argument("--load-in-4bit", action="store_true",
+                              help="QLoRA: load the backbone's linear layers in 4-bit NF4 (bitsandbytes); LoRA, UM, "
+                              "EMA and the memory stay in full precision")
+    quantization.add_argument("--load-in-8bit", action="store_true",
+                              help="load the backbone's linear layers in 8-bit (bitsandbytes LLM.int8())")
 
 
 def _training_options(args: argparse.Namespace) -> dict:
     return dict(
         rank=args.rank, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
         max_length=args.max_length, patience=args.patience, max_steps=args.max_steps, progress=not args.no_progress,
+        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
     )
 
 

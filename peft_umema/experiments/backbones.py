@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -21,6 +22,8 @@ from transformers import (
 
 from ..data.loaders import installed_package_dir
 from ..data.preprocessing import prepare_tokenizer
+from ..tuner.attach import HEAD_MODULE_NAMES
+from ..tuner.quantization import prepare_quantized_layers
 
 CACHE_ENV = "PEFT_UMEMA_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/peft_umema")
@@ -101,6 +104,9 @@ def load_backbone(
     num_labels: int,
     id2label: Mapping[int, str] | Sequence[str] | None = None,
     label2id: Mapping[str, int] | None = None,
+    *,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
     **model_kwargs,
 ):
     """``(model, tokenizer)`` for sequence (``"SEQ_CLS"``) or token (``"TOKEN_CLS"``) classification.
@@ -109,18 +115,65 @@ def load_backbone(
     token (its EOS when it has none) and right padding, and ``model.config.pad_token_id`` follows it: GPT-2/Llama
     sequence classifiers use it to find each row's last real token. ``id2label`` may be a list of label names.
     ``model_kwargs`` go to ``from_pretrained`` (e.g. ``dtype``).
+
+    ``load_in_4bit`` (NF4, double quantization) or ``load_in_8bit`` loads the backbone's linear layers quantized
+    with bitsandbytes for QLoRA (see :func:`quantization_config`): the head stays in full precision, the model is
+    prepared with peft's ``prepare_model_for_kbit_training`` (frozen, norms in fp32; no gradient checkpointing) and
+    :func:`~peft_umema.tuner.quantization.prepare_quantized_layers` makes its 4-bit layers train correctly on CPU.
+    A ``quantization_config`` or ``device_map`` in ``model_kwargs`` overrides the defaults.
     """
     auto_class = AUTO_MODEL_CLASSES.get(getattr(task_type, "value", task_type))
     if auto_class is None:
         raise ValueError(f"task_type must be one of {tuple(AUTO_MODEL_CLASSES)}, got {task_type!r}.")
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
         raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}.")
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("Choose one of load_in_4bit and load_in_8bit, not both.")
     label_kwargs = _label_mappings(num_labels, id2label, label2id)
+    quantized = load_in_4bit or load_in_8bit
+    if quantized:
+        model_kwargs.setdefault("quantization_config", quantization_config(load_in_4bit=load_in_4bit))
+        model_kwargs.setdefault("device_map", _default_device_map())
     path = resolve_backbone(name)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
     model = auto_class.from_pretrained(path, num_labels=num_labels, **label_kwargs, **model_kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if quantized or getattr(model, "is_quantized", False):
+        from peft import prepare_model_for_kbit_training
+
+        # before any evaluation can repack the 4-bit weights (and before UMEMA's modules exist)
+        prepare_quantized_layers(model)
+        # gradient checkpointing stays off: its reentrant variant would cut UM off from the blocks' gradients
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model, tokenizer
+
+
+def quantization_config(load_in_4bit: bool = True):
+    """The bitsandbytes settings of ``load_backbone(load_in_4bit=True)`` (QLoRA's NF4 with double quantization)
+    or ``load_in_8bit=True`` (LLM.int8()). 4-bit layers compute in bf16 on GPUs that support it (else fp16) and in
+    fp32 on CPU. The classification head is never quantized (transformers' default keeps it in full precision for
+    some models only, e.g. not Llama's token classifier): it is new and fully trained."""
+    from transformers import BitsAndBytesConfig
+
+    skip = list(HEAD_MODULE_NAMES)
+    if not load_in_4bit:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    if torch.cuda.is_available():
+        compute_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        compute_dtype = torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip,
+    )
+
+
+def _default_device_map():
+    """Quantized weights are placed while loading: on this process's GPU (``LOCAL_RANK`` under a launcher), else
+    the CPU."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return "cpu"
 
 
 def _label_mappings(num_labels: int, id2label, label2id) -> dict:

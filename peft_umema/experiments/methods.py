@@ -77,6 +77,9 @@ class TrainOptions:
     max_grad_norm: float = 1.0
     target_modules: str | list[str] = "all-linear"
     progress: bool = True
+    # QLoRA: the backbone's linear layers in 4-bit NF4 or 8-bit (bitsandbytes); LoRA, UM, EMA and the memory in fp32
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
 
     def __post_init__(self):
         positive_ints = {"rank": self.rank, "batch_size": self.batch_size, "max_length": self.max_length,
@@ -95,6 +98,13 @@ class TrainOptions:
             )
         if not _finite_number(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("Choose one of load_in_4bit and load_in_8bit, not both.")
+
+    @property
+    def quantization(self) -> dict:
+        """The `load_backbone` arguments that load the backbone quantized (empty for full precision)."""
+        return {name: True for name in ("load_in_4bit", "load_in_8bit") if getattr(self, name)}
         for name in ("weight_decay", "max_grad_norm"):  # max_grad_norm 0: no clipping
             value = getattr(self, name)
             if not _finite_number(value) or value < 0:
@@ -230,7 +240,8 @@ class LoRAMethod(Method):
     def fit(self, setup: RunSetup) -> Fitted:
         set_seed(setup.seed)
         base, _ = load_backbone(
-            setup.backbone, setup.task_type, len(setup.label_names), id2label=setup.label_names
+            setup.backbone, setup.task_type, len(setup.label_names), id2label=setup.label_names,
+            **setup.options.quantization,
         )
         model = get_peft_model(base, self.peft_config(setup, base))
         options = setup.options
@@ -256,7 +267,8 @@ class LoRAMethod(Method):
 
     def load(self, output_dir: Path, run_info: dict) -> Fitted:
         base, _ = load_backbone(
-            run_info["backbone"], run_info["task_type"], len(run_info["label_names"]), id2label=run_info["label_names"]
+            run_info["backbone"], run_info["task_type"], len(run_info["label_names"]), id2label=run_info["label_names"],
+            **{name: True for name in ("load_in_4bit", "load_in_8bit") if run_info.get(name)},
         )
         model = PeftModel.from_pretrained(base, output_dir)
         return Fitted(model=model.eval())
