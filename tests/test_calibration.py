@@ -116,3 +116,27 @@ def test_training_moves_the_temperature_only_when_joint(mode):
         model.base_model.commit_memory()
     moved = not torch.equal(before, estimator.temperature_proj.bias.detach())
     assert moved == (mode == "joint")
+
+
+def test_a_fitted_calibration_survives_save_and_load(tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("bert"), UMEMAConfig(task_type="SEQ_CLS", r=4, memory_size=8))
+    head = model.base_model.model.get_submodule("classifier")
+    with torch.no_grad():
+        for p in head.parameters():
+            p.mul_(30.0)
+    dev = [tiny_batch(seed=s, batch_size=8) for s in range(4)]
+    result = calibrate_uncertainty(model, dev)
+    assert result["temperature_fit"] != "identity"
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(tiny_model("bert"), tmp_path).eval()
+    model.eval()
+    batch = {k: v for k, v in dev[0].items() if k != "labels"}
+    with torch.no_grad():
+        expected, actual = model(**batch), loaded(**batch)
+    assert loaded.base_model.umema_modules["default"].uncertainty.calibrator.is_fitted
+    for name in ("logits", "temperature", "confidence"):
+        torch.testing.assert_close(actual[name], expected[name])

@@ -62,18 +62,6 @@ class MemoryAugmentation(nn.Module):
         read = (top_weights.unsqueeze(-1) * values[slots]).sum(1)
         return read, torch.zeros_like(scores).scatter(-1, slots, top_weights)
 
-    @torch.no_grad()
-    def novelty(self, query: torch.Tensor) -> torch.Tensor:
-        """[B, d] -> [B]: how far each query lies from what the memory holds, log(1 + mean_k (q_k - mu_k)^2 / var_k)
-        with mu, var the per-dimension mean and variance of the written slots (a diagonal Mahalanobis distance;
-        slots fill from 0 upwards, after wrapping around all are written); 0 while fewer than 2 are written."""
-        filled = int(self.bank.fill_count)
-        if filled < 2:
-            return torch.zeros(query.shape[0], device=query.device)
-        keys = self.bank.keys[:filled].float()
-        mean, variance = keys.mean(0), keys.var(0) + 1e-6
-        return torch.log1p(((query.float() - mean) ** 2 / variance).mean(-1))
-
     def fuse(
         self, hidden: torch.Tensor, read: torch.Tensor, uncertainty_memory: Optional[torch.Tensor]
     ) -> torch.Tensor:
@@ -87,9 +75,10 @@ class MemoryAugmentation(nn.Module):
             return hidden + gate * read
         return gate * read + (1 - gate) * hidden
 
-    def queue_write(self, fused_summary: torch.Tensor, uncertainty_memory: Optional[torch.Tensor]) -> None:
+    def queue_write(self, fused_summary: torch.Tensor, uncertainty_memory: Optional[torch.Tensor],
+                    weights: Optional[torch.Tensor] = None, queries: Optional[torch.Tensor] = None) -> None:
         """Queue this batch's write: key in query space (so similar contexts find it), value = the fused state;
-        the bank stores their mean over the mini-batch."""
+        the bank stores their (`weights`-weighted) mean over the mini-batch, and the statistics of `queries`."""
         with torch.no_grad():
             keys = self.query(fused_summary, uncertainty_memory)
-        self.bank.queue_write(keys, fused_summary.detach())
+        self.bank.queue_write(keys, fused_summary.detach(), weights, queries)

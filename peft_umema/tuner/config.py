@@ -85,9 +85,9 @@ class UMEMAConfig(LoraConfig):
     epistemic_from_memory: bool = field(
         default=True,
         metadata={
-            "help": "Add the memory's novelty (the query's diagonal Mahalanobis distance to the written slots) to "
-            "the reported epistemic uncertainty, so it rises on inputs unlike the training data (ours). False = the "
-            "propagation dispersion only (paper)."
+            "help": "Add the memory's novelty (a typicality test of the query against the training queries the "
+            "bank has seen) to the reported epistemic uncertainty, so it rises on inputs unlike the training data "
+            "(ours). False = the propagation dispersion only (paper)."
         },
     )
     confidence_loss_weight: float = field(

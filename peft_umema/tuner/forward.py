@@ -52,6 +52,7 @@ class CallState:
     novelty: Optional[torch.Tensor] = None  # [B]: how unlike the memory's slots the query is (eval only)
     raw_logits: Optional[torch.Tensor] = None  # uncalibrated logits at the scored positions
     fused_summary: Optional[torch.Tensor] = None  # [B, d]: what this batch writes into the memory
+    query: Optional[torch.Tensor] = None  # [B, d]: the retrieval queries (their statistics feed the novelty)
     training: bool = False
 
     @property
@@ -106,7 +107,7 @@ def _calibrate_head_output(call: CallState, module, args, output):
         if decoder_sequence else output
     temperature = call.um_temperature
     calibrator = call.modules.uncertainty.calibrator
-    if int(calibrator.fitted):
+    if calibrator.is_fitted:
         temperature = calibrator(calibration_features(call), temperature)
     call.temperature = temperature
     temperature = temperature.reshape(temperature.shape + (1,) * (output.dim() - temperature.dim()))
@@ -203,8 +204,9 @@ def augment(call: CallState, head_input: torch.Tensor) -> torch.Tensor:
         summary = hidden
     uncertainty_memory = state.memory if state is not None else None
     query = memory.query(summary, uncertainty_memory)
+    call.query = query
     if not call.training:
-        call.novelty = memory.novelty(query)
+        call.novelty = memory.bank.novelty(query)
     read, _ = memory.retrieve(query, state.total if state is not None else None)
     fused = memory.fuse(hidden, read, uncertainty_memory)
     if fused.dim() == 2:
@@ -278,18 +280,12 @@ def joint_loss(call: CallState, output, labels: torch.Tensor, num_items_in_batch
 
 
 def queue_memory_write(call: CallState) -> None:
-    """Queue this training batch's memory write; rows without any valid token (all padding) are left out."""
+    """Queue this training batch's memory write; rows without any valid token (all padding) get weight 0."""
     if call.fused_summary is None or call.modules.memory is None:
         return
-    rows = call.mask.any(1)
     uncertainty_memory = call.uncertainty.memory if call.uncertainty is not None else None
-    if not bool(rows.all()):
-        summary = call.fused_summary[rows]
-        uncertainty_memory = uncertainty_memory[rows] if uncertainty_memory is not None else None
-    else:
-        summary = call.fused_summary
-    if summary.shape[0]:
-        call.modules.memory.queue_write(summary, uncertainty_memory)
+    call.modules.memory.queue_write(call.fused_summary, uncertainty_memory, weights=call.mask.any(1),
+                                    queries=call.query)
 
 
 class TrainingLog:

@@ -38,8 +38,8 @@ MAX_ITER = 100
 def _collect(model, tuner, adapter: str, dataloader) -> dict[str, torch.Tensor]:
     """Per labelled position: raw logits, T_UM, calibration features, UM confidence, label, example index."""
     calibrator = tuner.umema_modules[adapter].uncertainty.calibrator
-    fitted = calibrator.fitted.clone()
-    calibrator.fitted.zero_()  # read T_UM itself
+    fitted = calibrator.is_fitted
+    calibrator.mark_fitted(False)  # read T_UM itself
     columns = {name: [] for name in ("raw_logits", "um_temperature", "features", "um_confidence", "labels", "group")}
     from ..tuner.forward import calibration_features
 
@@ -64,7 +64,7 @@ def _collect(model, tuner, adapter: str, dataloader) -> dict[str, torch.Tensor]:
             for name, value in zip(columns, values):
                 columns[name].append(value[valid].float() if name not in ("labels", "group") else value[valid])
     finally:
-        calibrator.fitted.copy_(fitted)
+        calibrator.mark_fitted(fitted)
     # float64: LBFGS's line search on a few hundred rows stays well behaved
     return {name: torch.cat(values).cpu().double() if name not in ("labels", "group") else torch.cat(values).cpu()
             for name, values in columns.items()}
@@ -185,7 +185,7 @@ def _fit_temperature(estimator, data: dict) -> dict:
             calibrator.weights.copy_(effective["weights"])
             calibrator.feature_mean.copy_(effective["mean"])
             calibrator.feature_std.copy_(effective["std"])
-            calibrator.fitted.fill_(1)
+            calibrator.mark_fitted(True)
     data["temperature"] = fit.log_temperature(params, everything).exp()
     return report
 

@@ -46,6 +46,15 @@ class TemperatureCalibrator(nn.Module):
         self.register_buffer("weights", torch.zeros(num_features))
         self.register_buffer("feature_mean", torch.zeros(num_features))
         self.register_buffer("feature_std", torch.ones(num_features))
+        self.is_fitted = False  # host-side mirror of `fitted`, so the forward pass never syncs to read it
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.is_fitted = bool(self.fitted)
+
+    def mark_fitted(self, fitted: bool) -> None:
+        self.fitted.fill_(int(fitted))
+        self.is_fitted = fitted
 
     @staticmethod
     def features(memory: torch.Tensor, aleatoric: torch.Tensor, epistemic: torch.Tensor, novelty: torch.Tensor,
@@ -59,13 +68,13 @@ class TemperatureCalibrator(nn.Module):
         return bias + um_weight * torch.log(um_temperature.float()) + z @ weights
 
     def forward(self, features: torch.Tensor, um_temperature: torch.Tensor) -> torch.Tensor:
-        if not int(self.fitted):
+        if not self.is_fitted:
             return um_temperature
         log_t = self.log_temperature(features, um_temperature, self.bias, self.um_weight, self.weights)
         return log_t.exp().clamp(*TEMPERATURE_RANGE).to(um_temperature.dtype)
 
     def reset(self) -> None:
-        self.fitted.zero_()
+        self.mark_fitted(False)
         self.bias.zero_()
         self.um_weight.fill_(1.0)
         self.weights.zero_()
