@@ -190,6 +190,9 @@ def _add_training_options(parser: argparse.ArgumentParser, defaults: run.TrainOp
                         help="stop after this many epochs without a better dev score")
     parser.add_argument("--max-steps", type=max_steps_value, default=defaults.max_steps,
                         help="stop after this many optimizer steps (-1: train for --epochs)")
+    parser.add_argument("--target-modules", nargs="+", default=[defaults.target_modules], metavar="NAME",
+                        help="module names that get LoRA (e.g. q_proj v_proj, or c_attn for GPT-2); 'all-linear' = "
+                        "every linear layer but the head (default)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     quantization = parser.add_mutually_exclusive_group()
     quantization.add_argument("--load-in-4bit", action="store_true",
@@ -204,6 +207,7 @@ def _training_options(args: argparse.Namespace) -> dict:
         rank=args.rank, epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
         max_length=args.max_length, patience=args.patience, max_steps=args.max_steps, progress=not args.no_progress,
         load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
+        target_modules=args.target_modules[0] if args.target_modules == ["all-linear"] else list(args.target_modules),
     )
 
 

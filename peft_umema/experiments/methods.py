@@ -27,6 +27,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.pytorch_utils import Conv1D
 
 from ..data.loaders import SEQ_CLS
 from ..data.preprocessing import (
@@ -80,6 +81,8 @@ class TrainOptions:
     # QLoRA: the backbone's linear layers in 4-bit NF4 or 8-bit (bitsandbytes); LoRA, UM, EMA and the memory in fp32
     load_in_4bit: bool = False
     load_in_8bit: bool = False
+    # UMEMA only: "detached" (T fitted on dev after training) or "joint" (T trained with the rest, the paper's reading)
+    temperature_training: str = "detached"
 
     def __post_init__(self):
         positive_ints = {"rank": self.rank, "batch_size": self.batch_size, "max_length": self.max_length,
@@ -98,13 +101,6 @@ class TrainOptions:
             )
         if not _finite_number(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
-        if self.load_in_4bit and self.load_in_8bit:
-            raise ValueError("Choose one of load_in_4bit and load_in_8bit, not both.")
-
-    @property
-    def quantization(self) -> dict:
-        """The `load_backbone` arguments that load the backbone quantized (empty for full precision)."""
-        return {name: True for name in ("load_in_4bit", "load_in_8bit") if getattr(self, name)}
         for name in ("weight_decay", "max_grad_norm"):  # max_grad_norm 0: no clipping
             value = getattr(self, name)
             if not _finite_number(value) or value < 0:
@@ -114,6 +110,13 @@ class TrainOptions:
             isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) and t for t in targets)
         ):
             raise ValueError(f"target_modules must be 'all-linear' or a list of module names, got {targets!r}.")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("Choose one of load_in_4bit and load_in_8bit, not both.")
+
+    @property
+    def quantization(self) -> dict:
+        """The `load_backbone` arguments that load the backbone quantized (empty for full precision)."""
+        return {name: True for name in ("load_in_4bit", "load_in_8bit") if getattr(self, name)}
 
 
 @dataclasses.dataclass
@@ -293,7 +296,8 @@ class UMEMAMethod(LoRAMethod):
     def peft_config(self, setup: RunSetup, model: torch.nn.Module) -> peft.PeftConfig:
         options = setup.options
         return UMEMAConfig(
-            task_type=setup.task_type, use_um=options.use_um, use_ema=options.use_ema, **lora_options(options, model)
+            task_type=setup.task_type, use_um=options.use_um, use_ema=options.use_ema,
+            temperature_training=options.temperature_training, **lora_options(options, model)
         )
 
     def fit(self, setup: RunSetup) -> Fitted:
@@ -344,8 +348,12 @@ def pooler_modules(model: torch.nn.Module) -> list[str]:
     })
 
 
+LINEAR_LAYER_TYPES = (torch.nn.Linear, Conv1D)
+
+
 def linear_layers_but_head(model: torch.nn.Module) -> list[str]:
-    """peft's "all-linear", spelled out: the names of all linear layers except the classification head.
+    """peft's "all-linear", spelled out: the names of all linear layers except the classification head, counting
+    GPT-2's `Conv1D` (a linear layer with transposed weights) and 4/8-bit bitsandbytes linears.
 
     peft leaves out the head of sequence classifiers only; on a token classifier it wraps the head in LoRA and then
     fails to make it fully trainable (`modules_to_save`).
@@ -355,7 +363,7 @@ def linear_layers_but_head(model: torch.nn.Module) -> list[str]:
     names = {
         name.rsplit(".", 1)[-1]
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module not in excluded
+        if isinstance(module, LINEAR_LAYER_TYPES) and module not in excluded
     }
     return sorted(names - {head_name})
 

@@ -225,6 +225,7 @@ def train(
         "config": dataclasses.asdict(train_options),
         "sizes": {split: len(dataset) for split, dataset in splits.items()},
         "epochs_trained": _epochs_trained(fitted.log_history),
+        "history": fitted.log_history,  # per-epoch training logs (loss terms, mean T) and dev metrics
         "trainable_parameters": trainable,
         "total_parameters": total,
         "method_details": chosen.method_details(fitted, predictions),
