@@ -305,6 +305,11 @@ def test_a_killed_run_loses_only_the_cells_in_progress(tiny_backbone, relations,
     # the cells the workers finished ran in fresh processes, the redone ones in this one
     assert {records[key]["memory"]["fresh_process"] for key in finished_before} <= {True}
     assert {records[key]["memory"]["fresh_process"] for key in set(after) - set(finished_before)} == {False}
+    # both invocations are on record: the killed one as unfinished
+    killed_run, rerun = rp.read_plan(output_dir, "ablation")["invocations"]
+    assert killed_run["finished_at"] is None and killed_run["jobs"] == 2
+    assert rerun["finished_at"] is not None and rerun["wall_seconds"] > 0
+    assert "did not finish" in (output_dir / "report" / "results.md").read_text()
 
 
 def test_calibration_baselines_run_in_smoke_cells(tiny_backbone, relations, tmp_path):

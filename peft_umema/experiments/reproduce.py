@@ -664,8 +664,10 @@ def _add_to_plan(output_dir: Path, study: str, cells: Sequence[Cell], grid: Grid
 
 
 def _record_invocation(output_dir: Path, study: str, invocation: dict) -> None:
+    """Add the invocation to the study's plan, or update it (same id) once it has finished."""
     plan = read_plan(output_dir, study)
-    plan["invocations"].append(invocation)
+    plan["invocations"] = [entry for entry in plan["invocations"] if entry.get("id") != invocation["id"]]
+    plan["invocations"].append(dict(invocation))
     _write_json_atomically(_plan_path(output_dir, study), plan)
 
 
@@ -704,8 +706,20 @@ def reproduce(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+        from_environment = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(from_environment) if from_environment.isdigit() and int(from_environment) > 0 else max(
+            1, (os.cpu_count() or 1) // max(jobs, 1))
     started, started_at = time.perf_counter(), _now()
+    invocation = {
+        "id": f"{started_at} {os.getpid()}",
+        "command": command or "reproduce(...)",
+        "started_at": started_at,
+        "finished_at": None,  # stays None if the invocation is killed
+        "wall_seconds": None,
+        "jobs": jobs,
+        "threads_per_job": threads,
+        "studies": list(studies),
+    }
     needs_tuning = grid.learning_rate is None and any(study != "lr" for study in studies)
 
     def chosen_lr_function():
@@ -743,6 +757,8 @@ def reproduce(
             log(f"No learning rate chosen for {backbone} on {data} (its tuning cells failed): its cells wait.")
     for study, cells in by_study.items():
         _add_to_plan(output_dir, study, cells, grid)
+    for study in set(by_study) | ({TUNE} if tuning else set()):
+        _record_invocation(output_dir, study, invocation)
 
     training = ordered({study: cells for study, cells in by_study.items() if study != "overhead"}, grid)
     outcomes += run_cells(training, output_dir, jobs=jobs, threads=threads, keep_adapters=keep_adapters, log=log)
@@ -753,15 +769,7 @@ def reproduce(
                               fresh_process=True, log=log)
 
     wall = time.perf_counter() - started
-    invocation = {
-        "command": command or "reproduce(...)",
-        "started_at": started_at,
-        "finished_at": _now(),
-        "wall_seconds": round(wall, 1),
-        "jobs": jobs,
-        "threads_per_job": threads,
-        "studies": list(studies),
-    }
+    invocation.update(finished_at=_now(), wall_seconds=round(wall, 1))
     for study in set(by_study) | ({TUNE} if tuning else set()):
         _record_invocation(output_dir, study, invocation)
     counts = defaultdict(int)
@@ -967,6 +975,10 @@ def _section_header(view: StudyView, document: dict) -> str:
              f"{document['finished_cells']} of {document['planned_cells']} cells finished; "
              f"{_duration(document['cell_seconds'])} of cell time."]
     for invocation in document["invocations"]:
+        if invocation.get("finished_at") is None:
+            lines.append(f"- `{invocation['command']}`: started {invocation['started_at']}, did not finish "
+                         f"(killed, or still running); its finished cells count above")
+            continue
         lines.append(f"- `{invocation['command']}`: {_duration(invocation['wall_seconds'])} wall "
                      f"({invocation['started_at']} to {invocation['finished_at']}, {invocation['jobs']} job(s) x "
                      f"{invocation['threads_per_job']} thread(s))")
