@@ -48,7 +48,7 @@ METRIC_NAMES = {
 # Files of a run folder that belong on the hub; checkpoints and anything else stay local.
 RUN_FOLDER_SUFFIXES = (".json", ".safetensors", ".png", ".txt", ".model", ".jinja")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-# The hub checkpoints behind `peft_umema.backbones`' offline short names, for the card's `base_model`.
+# The hub checkpoints behind `peft_umema.experiments.backbones`' offline short names, for the card's `base_model`.
 SHORT_NAME_CHECKPOINTS = {
     "minilm": "sentence-transformers/all-MiniLM-L6-v2",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -200,10 +200,11 @@ def _usage_code(repo_id: str, info: dict) -> list[str]:
     return [
         "import peft_umema  # registers the UMEMA adapter type with peft (without it: KeyError: 'UMEMA')",
         "from peft import PeftModel",
-        "from peft_umema.backbones import load_backbone",
+        "from peft_umema.experiments.backbones import load_backbone",
         "",
         f"labels = {info['label_names']!r}",
-        f"base, tokenizer = load_backbone({info['backbone']!r}, {info['task_type']!r}, len(labels), id2label=labels)",
+        f"base, tokenizer = load_backbone({info['backbone']!r}, {info['task_type']!r}, len(labels), id2label=labels"
+        + "".join(f", {flag}=True" for flag in ("load_in_4bit", "load_in_8bit") if info.get(flag)) + ")",
         f"model = PeftModel.from_pretrained(base, {repo_id!r}).eval()",
         'outputs = model(**tokenizer(["some text"], return_tensors="pt"))',
     ]

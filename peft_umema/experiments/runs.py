@@ -37,7 +37,7 @@ from ..data.preprocessing import (
 )
 from ..evaluation.reliability import save_reliability_diagram
 from ..tuner.config import UMEMAConfig
-from . import baseline_methods  # noqa: F401  (registers the baselines)
+from . import baseline_methods, peft_baselines  # noqa: F401  (register the baselines)
 from .checks import (
     BACKBONE_TOKENIZER_FIX,
     IMAGE_SUFFIXES,
