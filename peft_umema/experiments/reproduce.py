@@ -171,10 +171,7 @@ def available_methods() -> list[str]:
 
 
 def _register_optional_baselines() -> None:
-    try:
-        from . import peft_baselines  # noqa: F401  (AdaLoRA, ... where present)
-    except ImportError:
-        pass
+    from . import runs  # noqa: F401  (importing the driver registers every method, AdaLoRA included)
 
 
 def default_methods(study: str) -> tuple[str, ...]:
