@@ -31,6 +31,7 @@ from .estimator import _EPS
 
 FOLDS = 2
 L2_PENALTY = 1e-2  # on the standardised feature weights of the parameterised fit
+MEMORY_COMPONENTS = 4  # principal directions of M_U the parameterised fit may use
 MAX_ITER = 100
 
 
@@ -123,15 +124,30 @@ class _TemperatureFit:
         params["bias"] = bias.detach()
         if form == "constant":
             return params
-        trained = {name: params[name].clone().requires_grad_(True) for name in ("bias", "um_weight", "weights")}
+        # M_U enters through its top principal directions on the fitting rows only: 64 free weights over-fit a dev
+        # split of a few hundred examples (measured on BBC News: held-out NLL 0.54-0.84 against 0.14 for one T)
+        standardised = (features - params["mean"]) / params["std"]
+        memory = standardised[:, : self.memory_dim]
+        basis = torch.linalg.svd(memory - memory.mean(0), full_matrices=False)[2][:MEMORY_COMPONENTS].T
+        trained = {
+            "bias": params["bias"].clone().requires_grad_(True),
+            "um_weight": params["um_weight"].clone().requires_grad_(True),
+            "memory": torch.zeros(basis.shape[1], dtype=torch.float64, requires_grad=True),
+            "rest": params["weights"][self.memory_dim:].clone().requires_grad_(True),
+        }
+
+        def assembled():
+            weights = torch.cat([basis @ trained["memory"], trained["rest"]])
+            return {**params, "bias": trained["bias"], "um_weight": trained["um_weight"], "weights": weights}
 
         def loss():
-            memory_w, uncertainty_raw, logit_w = self._split_weights(trained["weights"])
-            penalty = memory_w.square().sum() + F.softplus(uncertainty_raw).square().sum() + logit_w.square().sum()
-            return self.nll({**params, **trained}, index) + L2_PENALTY * penalty
+            _, uncertainty_raw, logit_w = self._split_weights(assembled()["weights"])
+            penalty = trained["memory"].square().sum() + F.softplus(uncertainty_raw).square().sum() + \
+                logit_w.square().sum()
+            return self.nll(assembled(), index) + L2_PENALTY * penalty
 
         _lbfgs(list(trained.values()), loss)
-        fitted = {**params, **{name: value.detach() for name, value in trained.items()}}
+        fitted = {name: value.detach() for name, value in assembled().items()}
         if not torch.isfinite(self.nll(fitted, index)):
             return params  # the constant fit
         return fitted

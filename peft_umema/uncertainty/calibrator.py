@@ -6,7 +6,7 @@ in the loop it collapses to T_min). So UM's temperature is fitted where errors h
 
     log T(x) = b + c * log T_UM(x) + w . z(M_U(x)) + u . z(aleatoric, epistemic, novelty) + a . z(gap, entropy)
 
-z = features standardised on the fitting split; u >= 0, so T still grows with UM's uncertainty and with the
+z = features standardised on the fitting split; w lies in the span of M_U's top 4 principal directions there; u >= 0, so T still grows with UM's uncertainty and with the
 memory's novelty (how unlike the query is to what the memory bank holds); gap and entropy are the top-1 minus
 top-2 raw logit and the entropy of the raw softmax. b alone (c = w = u = a = 0) is ordinary temperature scaling,
 which is where the fit starts, so the fit is never worse than temperature scaling on the split it is fitted on;
