@@ -10,7 +10,6 @@ trainable parameters at the end (gathered), and the first batch it saw.
 """
 
 import os
-import shutil
 import sys
 
 import torch
@@ -27,16 +26,19 @@ from peft_umema.training.trainer import UMEMATrainer
 BANK_BUFFERS = ("keys", "values", "write_pointer", "fill_count")
 
 
-def use_gloo_for_deepspeed_on_cpu_without_compiler() -> None:
-    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel when its communication starts, which
-    needs a C++ compiler (and fails without one). Where there is none, mark that kernel unavailable: DeepSpeed then
-    runs its collectives through torch.distributed's gloo, as it does on every non-Linux CPU. ZeRO's partitioning,
-    gathering and checkpointing are the same either way; on GPUs the kernel is never used."""
-    if shutil.which(os.environ.get("CXX", "c++")) is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
+def use_gloo_for_deepspeed_on_cpu() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel when its communication starts; it needs
+    a C++ compiler (a fresh CI machine has none) and, on a loaded machine, aborted once at shutdown ("terminate
+    called without an active exception"). Mark it unavailable everywhere: DeepSpeed then runs its collectives through
+    torch.distributed's gloo, as on every non-Linux CPU. ZeRO's partitioning, gathering and checkpointing, what these
+    tests check, are the same either way; on GPUs the kernel is never used."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
         return
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 STEPS, SAVE_STEPS, PER_DEVICE_BATCH, WORLD = 6, 3, 2, 2
 
 
@@ -110,7 +112,7 @@ def gathered_trainable(trainer) -> dict:
 
 
 def main(output_dir: str, mode: str, checkpoint: str = None) -> None:
-    use_gloo_for_deepspeed_on_cpu_without_compiler()
+    use_gloo_for_deepspeed_on_cpu()
     base = tiny_model("gpt2", seed=0)  # the same pretrained backbone in every run
     torch.manual_seed(0 if mode == "straight" else 123)  # a resumed process starts from other adapter weights
     model = get_peft_model(base, UMEMAConfig(task_type="SEQ_CLS", r=4, memory_size=8))
@@ -131,6 +133,9 @@ def main(output_dir: str, mode: str, checkpoint: str = None) -> None:
     if mode == "straight" and float(tensors["sharded_fraction"]) == 0:  # full parameters: a plain forward works
         save_with_pending_write_on_rank0(trainer, output_dir)
     save_file(tensors, os.path.join(output_dir, f"{mode}-rank{rank}.safetensors"))
+    # leave together: a rank that exits while the other still talks to it tears gloo down under it (seen once as
+    # "terminate called without an active exception" on a loaded machine)
+    torch.distributed.barrier()
 
 
 if __name__ == "__main__":
