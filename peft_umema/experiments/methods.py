@@ -29,6 +29,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from ..constants import UNCERTAINTY_OUTPUT_FIELDS
 from ..data.loaders import SEQ_CLS
 from ..data.preprocessing import (
     IGNORE_INDEX,
@@ -41,7 +42,7 @@ from ..uncertainty.calibration import calibrate_uncertainty
 from .backbones import load_backbone
 from .checks import check_learning_rate
 
-UM_OUTPUT_FIELDS = ("confidence", "aleatoric", "epistemic")
+UM_OUTPUT_FIELDS = UNCERTAINTY_OUTPUT_FIELDS[:3]  # confidence, aleatoric, epistemic (not the temperature)
 # Scores of UM's own confidence, reported beside those of the calibrated softmax: UM's confidence is trained to
 # predict whether the prediction is right, so error detection is what it is for.
 UM_CONFIDENCE_METRICS = ("ece", "auroc_error", "aurc")

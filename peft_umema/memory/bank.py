@@ -95,11 +95,11 @@ class MemoryBank(nn.Module):
             pending = pending.to(self.keys.device).clone()
             dist.all_reduce(pending)  # every rank must commit at the same step (MemoryUpdateCallback does)
         self._pending_sum, self.pending_writes = None, 0
-        count = float(pending[2 * self.dim])
+        count, finite = torch.stack([pending[2 * self.dim], torch.isfinite(pending).all().float()]).tolist()  # 1 sync
         if count == 0:
             return False
         key, value = pending[: self.dim] / count, pending[self.dim : 2 * self.dim] / count
-        if not bool(torch.isfinite(pending).all()):
+        if not finite:
             where = f" at optimizer step {step}" if step is not None else ""
             raise FloatingPointError(
                 f"The memory write{where} is not finite (NaN or inf): the model diverged. The bank was left "

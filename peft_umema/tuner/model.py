@@ -82,6 +82,9 @@ class UMEMAModel(LoraModel):
     Training forward passes queue memory writes; `commit_memory()` writes them as one slot after the backward
     pass. `MemoryUpdateCallback` (added by `UMEMATrainer`) calls it after every optimizer step; custom loops call
     it after `optimizer.step()`. Eval-mode and no-grad forward passes never touch the bank.
+
+    `merge_and_unload()` / `unload()` return the plain transformers model (LoRA merged or dropped, UM and EMA gone:
+    they only run inside this tuner's forward); `merge_adapter()` merges LoRA in place and keeps UM and EMA.
     """
 
     # the memory bank lives on the tuner, not in the injected layers: transformers' bare `load_adapter` would drop it
@@ -156,11 +159,6 @@ class UMEMAModel(LoraModel):
             yield
         finally:
             self._umema_enabled = previous
-
-    def _unload_and_optionally_merge(self, *args, **kwargs):
-        """`merge_and_unload()` / `unload()` return a plain transformers model: LoRA merged (or dropped), UM and EMA
-        removed. Use `merge_adapter()` to merge LoRA in place and keep UM and EMA."""
-        return super()._unload_and_optionally_merge(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
     # forward: UM and EMA around the transformers model (see forward.py)
