@@ -1,1 +1,2 @@
-"""Uncertainty baselines (temperature scaling, MC dropout, ensembles, SWAG, AdUE, Laplace) for PEFT LoRA classifiers."""
+"""Uncertainty baselines (temperature scaling, MC dropout, ensembles, SWAG, AdUE, Laplace) for PEFT LoRA classifiers;
+also the PEFT baselines LISA and MixLoRA."""

@@ -229,6 +229,10 @@ class BaselineMethod(LoRAMethod):
 
     def save(self, fitted: BaselineFitted, output_dir: Path) -> None:
         super().save(fitted, output_dir)
+        self.save_states(fitted, output_dir)
+
+    def save_states(self, fitted: BaselineFitted, output_dir: Path) -> None:
+        """The post-hoc states (`<name>.safetensors`) and the options and seed (`method_state.json`)."""
         for name, state in fitted.states.items():
             state.save(output_dir / f"{name}.safetensors")
         write_json(

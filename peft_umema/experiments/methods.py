@@ -248,18 +248,7 @@ class LoRAMethod(Method):
             **setup.options.quantization,
         )
         model = get_peft_model(base, self.peft_config(setup, base))
-        options = setup.options
-        trainer = self.trainer_class(
-            model=model,
-            args=training_arguments(setup),
-            train_dataset=setup.train_dataset,
-            eval_dataset=setup.eval_dataset,
-            data_collator=setup.collator,
-            processing_class=setup.tokenizer,
-            compute_metrics=dev_metrics_function(setup.task_type, setup.label_names),
-            preprocess_logits_for_metrics=_logits_only,
-            callbacks=[EarlyStoppingCallback(early_stopping_patience=options.patience)],
-        )
+        trainer = self.trainer_class(**trainer_arguments(model, setup))
         trainer.train()
         return Fitted(model=model, log_history=list(trainer.state.log_history))
 
@@ -367,6 +356,22 @@ def linear_layers_but_head(model: torch.nn.Module) -> list[str]:
         if isinstance(module, LINEAR_LAYER_TYPES) and module not in excluded
     }
     return sorted(names - {head_name})
+
+
+def trainer_arguments(model: torch.nn.Module, setup: RunSetup) -> dict:
+    """The Trainer's keyword arguments for fitting `model` on `setup`: training arguments, dev metrics and early
+    stopping, shared by every method so that a comparison differs in the method only."""
+    return {
+        "model": model,
+        "args": training_arguments(setup),
+        "train_dataset": setup.train_dataset,
+        "eval_dataset": setup.eval_dataset,
+        "data_collator": setup.collator,
+        "processing_class": setup.tokenizer,
+        "compute_metrics": dev_metrics_function(setup.task_type, setup.label_names),
+        "preprocess_logits_for_metrics": _logits_only,
+        "callbacks": [EarlyStoppingCallback(early_stopping_patience=setup.options.patience)],
+    }
 
 
 def training_arguments(setup: RunSetup) -> TrainingArguments:
