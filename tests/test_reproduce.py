@@ -16,6 +16,7 @@ from test_methods import save_wnut17_slice
 
 from peft_umema.cli import main
 from peft_umema.experiments import reproduce as rp
+from peft_umema.experiments import runs
 
 TRAINING = ["--shots", "16", "--max-steps", "2", "--epochs", "1", "--batch-size", "8", "--max-length", "32",
             "--threads", "1"]
@@ -153,7 +154,9 @@ def test_every_cell_is_a_finished_run_folder(grid_run):
         assert record["memory"]["peak_bytes"] > 0
         assert (folder / rp.PREDICTIONS_NAME).is_file() and (folder / rp.LOG_NAME).is_file()
         assert not (folder / rp.LOCK_NAME).exists()
-        assert not list((folder / rp.RUN_DIR).glob("*.safetensors"))  # adapters dropped without --keep-adapters
+        kept = list((folder / rp.RUN_DIR).glob("*.safetensors"))
+        # without --keep-adapters only the lora cells keep theirs (the post-hoc baselines start from them)
+        assert bool(kept) == (record["cell"]["variant"] in rp.BASE_VARIANTS)
     # the full test splits of the slices are scored
     sizes = {record["task_type"]: record["sizes"]["test"] for record in records.values()}
     assert sizes == {"SEQ_CLS": 24, "TOKEN_CLS": 40}
@@ -332,3 +335,24 @@ def test_calibration_baselines_run_in_smoke_cells(tiny_backbone, relations, tmp_
     assert "temperature" in json.dumps(records["lora+ts"]["method_details"])
     markdown = (output_dir / "report" / "results.md").read_text()
     assert "| lora+ts |" in markdown and "| swag |" in markdown
+
+
+def test_post_hoc_cells_start_from_the_finished_lora_cell(tiny_backbone, relations, tmp_path):
+    """lora+ts reuses the lora cell's kept adapter instead of training LoRA again, with the same result."""
+    shared, alone = tmp_path / "shared", tmp_path / "alone"
+    arguments = ("--study", "calibration", "--seeds", "0", "--lr", "5e-3")
+    assert main(grid_command(tiny_backbone, [relations], shared, *arguments, "--methods", "lora", "lora+ts")) == 0
+    assert main(grid_command(tiny_backbone, [relations], alone, *arguments, "--methods", "lora+ts")) == 0
+    reused = {r["cell"]["variant"]: r for r in rp.all_records(shared).values()}
+    trained = next(iter(rp.all_records(alone).values()))
+    lora_run = rp.cell_dir(shared, rp.Cell.from_dict(reused["lora"]["cell"])) / rp.RUN_DIR
+    assert (lora_run / "adapter_model.safetensors").is_file()  # the base cell keeps its adapter
+    assert reused["lora+ts"]["base_run"] == str(lora_run.relative_to(shared))
+    assert trained["base_run"] is None
+    assert reused["lora+ts"]["test"] == pytest.approx(trained["test"])
+    assert reused["lora+ts"]["timings"]["fit_seconds"] >= reused["lora"]["timings"]["fit_seconds"]
+    options = {"shots": reused["lora"]["cell"]["shots"], "learning_rate": 5e-3, "progress": False}
+    with pytest.raises(ValueError, match="seed is 0, not 1"):
+        runs.train(tiny_backbone, relations, tmp_path / "wrong", method="lora+ts", seed=1, base_run=lora_run, **options)
+    with pytest.raises(ValueError, match="trains its own model"):
+        runs.train(tiny_backbone, relations, tmp_path / "wrong", method="lora", base_run=lora_run, **options)

@@ -82,6 +82,8 @@ RUN_DIR = "run"
 PREDICTIONS_NAME = "test_predictions.npz"
 LOG_NAME = "cell.log"  # what the cell printed (the Trainer's log lines, warnings)
 KEPT_RUN_FILES = ("metrics.json", "umema_run.json", "reliability.png")
+# Cells whose run folders keep their adapter: the post-hoc baselines of the same data and seed start from them
+BASE_VARIANTS = ("lora",)
 CELL_FORMAT = 1
 
 
@@ -467,6 +469,7 @@ def run_cell(cell: Cell, output_dir: Path, *, threads: int | None = None, keep_a
         started, started_at = time.perf_counter(), _now()
         settings = cell.settings
         method_options = smoke_method_options(cell)
+        base_run = base_run_of(cell, output_dir)
         try:
             with open(folder / LOG_NAME, "w", encoding="utf-8") as cell_log, \
                     contextlib.redirect_stdout(cell_log), contextlib.redirect_stderr(cell_log), \
@@ -475,7 +478,8 @@ def run_cell(cell: Cell, output_dir: Path, *, threads: int | None = None, keep_a
                     cell.backbone, cell.data, folder / RUN_DIR, method=cell.method, shots=cell.shots, seed=cell.seed,
                     missing_rate=cell.missing_rate, rank=settings.rank, epochs=settings.epochs,
                     learning_rate=cell.learning_rate, batch_size=settings.batch_size, max_length=settings.max_length,
-                    patience=settings.patience, max_steps=settings.max_steps, progress=False, **cell.flags,
+                    patience=settings.patience, max_steps=settings.max_steps, progress=False, base_run=base_run,
+                    **cell.flags,
                 )
         except Exception as error:
             _write_json_atomically(folder / ERROR_NAME, {
@@ -489,7 +493,7 @@ def run_cell(cell: Cell, output_dir: Path, *, threads: int | None = None, keep_a
 
             confidences, correct = confidence_and_correctness(capture.predictions)
             np.savez_compressed(folder / PREDICTIONS_NAME, confidence=confidences.astype(np.float32), correct=correct)
-        if not keep_adapters:
+        if not keep_adapters and cell.variant not in BASE_VARIANTS:
             for entry in (folder / RUN_DIR).iterdir():
                 if entry.name not in KEPT_RUN_FILES:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -507,6 +511,7 @@ def run_cell(cell: Cell, output_dir: Path, *, threads: int | None = None, keep_a
             "total_parameters": metrics["total_parameters"],
             "method_details": metrics["method_details"],
             "method_options": method_options,
+            "base_run": None if base_run is None else os.fspath(base_run.relative_to(output_dir)),
             "timings": {
                 **metrics["timings"],
                 "wall_seconds": round(wall, 2),
@@ -530,6 +535,25 @@ def run_cell(cell: Cell, output_dir: Path, *, threads: int | None = None, keep_a
         return {"status": "done", "key": cell.key, "seconds": round(wall, 1)}
     finally:
         (folder / LOCK_NAME).unlink(missing_ok=True)
+
+
+def base_run_of(cell: Cell, output_dir: Path) -> Path | None:
+    """The finished run folder of the fit `cell`'s method starts from (the `lora` cell of the same backbone, data,
+    shots, seed, learning rate and missing rate), or None to train it within the cell."""
+    from .baseline_methods import DerivedMethod
+    from .methods import get_method
+
+    if cell.kind != "train":
+        return None  # timing cells measure the whole method
+    method = get_method(cell.method)
+    if not isinstance(method, DerivedMethod) or method.base_method().name not in BASE_VARIANTS:
+        return None
+    base = dataclasses.replace(cell, variant=method.base_method().name)
+    folder = cell_dir(output_dir, base)
+    run = folder / RUN_DIR
+    if finished_record(folder) is None or not any(run.glob("adapter_model.safetensors")):
+        return None
+    return run
 
 
 def _rounded(value: float | None, digits: int = 3) -> float | None:

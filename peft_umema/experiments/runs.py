@@ -29,7 +29,13 @@ from datasets import ClassLabel, Dataset
 from peft import PeftModel
 
 from .. import __version__
-from ..data.loaders import SEQ_CLS, describe_data, label_names_of, load_data, task_type_of
+from ..data.loaders import (
+    SEQ_CLS,
+    describe_data,
+    label_names_of,
+    load_data,
+    task_type_of,
+)
 from ..data.preprocessing import (
     corrupt_missing,
     k_shot_subset,
@@ -105,6 +111,7 @@ def train(
     tags_column: Optional[str] = None,
     label_names: str | Sequence[str] | None = None,
     skip_empty: bool = False,
+    base_run: str | os.PathLike | None = None,
     **options,
 ) -> dict:
     """Fine-tune `model` on `data` with `method`, pick the best epoch on dev, score the test split, save the run.
@@ -123,6 +130,9 @@ def train(
         text_column, label_column, tokens_column, tags_column, label_names, skip_empty: how to read your own data
             (see `peft_umema.data.load_data`); found by their common names when not given. Recorded in the run
             folder, so that `evaluate` reads data of the same layout the same way.
+        base_run: for a method built on another's fit (`lora+ts`, `mcdropout`, `adue`, `laplace`, `ensemble` start
+            from a `lora` fit), the run folder of that fit on the same backbone, data, shots, seed and options
+            (its adapter files kept): it is loaded instead of trained again. Its training time counts in `fit_seconds`.
         **options: any `TrainOptions` field (rank, use_um, use_ema, epochs, learning_rate, batch_size, max_length,
             patience, max_steps, warmup_ratio, weight_decay, max_grad_norm, target_modules, progress).
 
@@ -178,8 +188,13 @@ def train(
 
     fit_started = time.perf_counter()
     with training(train_options.learning_rate):
-        fitted = chosen.fit(setup)
-    fit_seconds = time.perf_counter() - fit_started
+        if base_run is None:
+            fitted = chosen.fit(setup)
+            base_seconds = 0.0
+        else:
+            base, base_seconds = _base_fit(chosen, base_run, backbone, data_name, shots, seed, train_options)
+            fitted = chosen.fit_on(base, setup)
+    fit_seconds = time.perf_counter() - fit_started + base_seconds
     shutil.rmtree(setup.work_dir, ignore_errors=True)
 
     test_started = time.perf_counter()
@@ -224,6 +239,7 @@ def train(
         "missing_rate": missing_rate,
         "config": dataclasses.asdict(train_options),
         "sizes": {split: len(dataset) for split, dataset in splits.items()},
+        "base_run": None if base_run is None else os.fspath(base_run),
         "epochs_trained": _epochs_trained(fitted.log_history),
         "history": fitted.log_history,  # per-epoch training logs (loss terms, mean T) and dev metrics
         "trainable_parameters": trainable,
@@ -480,6 +496,41 @@ def run_info_for(model: PeftModel, max_length: int = TrainOptions.max_length) ->
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _base_fit(method: Method, base_run, backbone: str, data: str, shots, seed: int,
+              options: TrainOptions) -> tuple[Fitted, float]:
+    """The fit of `base_run` for `method` to start from, and its training seconds; checks that it is the fit
+    `method` would have made itself (same base method, backbone, data, subset, seed and training options)."""
+    from .baseline_methods import DerivedMethod
+
+    if not isinstance(method, DerivedMethod):
+        raise ValueError(f"base_run is for methods built on another's fit (lora+ts, mcdropout, ...); {method.name!r} "
+                         "trains its own model.")
+    base_method = method.base_method()
+    metrics_path = Path(base_run) / METRICS_NAME
+    info = read_run_info(base_run)
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{base_run} has no {METRICS_NAME}; pass a finished run folder as base_run.")
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    expected = {"method": base_method.name, "backbone": backbone, "data": data, "shots": shots, "seed": seed,
+                "config": dataclasses.asdict(options)}
+    found = {"method": info["method"], "backbone": info["backbone"], "data": info.get("data"),
+             "shots": metrics.get("shots"), "seed": metrics.get("seed"), "config": metrics.get("config")}
+    differing = sorted(key for key in expected if json_safe(expected[key]) != json_safe(found[key]))
+    if differing:
+        raise ValueError(
+            f"base_run {base_run} is not the {base_method.name!r} fit {method.name!r} starts from: its "
+            + "; ".join(f"{key} is {found[key]!r}, not {expected[key]!r}" for key in differing)
+            + ". Pass the run of the same backbone, data, shots, seed and options, or leave base_run out to train."
+        )
+    with loading_run(Path(base_run), base_method.name):
+        fitted = base_method.load(Path(base_run), info)
+    fitted.model.train()
+    for name, parameter in fitted.model.named_parameters():  # trainable as right after training
+        parameter.requires_grad_(any(part in name for part in ("lora_", "modules_to_save")))
+    fitted.log_history = list(metrics.get("history") or [])
+    return fitted, float((metrics.get("timings") or {}).get("fit_seconds") or 0.0)
 
 
 def _relabel(dataset: Dataset, label_names: list[str], data) -> Dataset:
