@@ -140,3 +140,35 @@ def test_a_fitted_calibration_survives_save_and_load(tmp_path):
     assert loaded.base_model.umema_modules["default"].uncertainty.calibrator.is_fitted
     for name in ("logits", "temperature", "confidence"):
         torch.testing.assert_close(actual[name], expected[name])
+
+
+def _collected(examples: int, temperature_from_feature: bool, seed: int = 0) -> dict:
+    """Collected dev rows (as `_collect` returns them) of a 5-class model whose true temperature is 0.5 + 6 * (the
+    aleatoric feature) when `temperature_from_feature`, and 1.5 for every example otherwise."""
+    from peft_umema.uncertainty.calibrator import LOGIT_FEATURES, UNCERTAINTY_FEATURES
+
+    generator = torch.Generator().manual_seed(seed)
+    memory_dim = 8
+    logits = 4 * torch.randn(examples, 5, generator=generator, dtype=torch.float64)
+    features = torch.randn(examples, memory_dim + len(UNCERTAINTY_FEATURES) + len(LOGIT_FEATURES),
+                           generator=generator, dtype=torch.float64)
+    features[:, memory_dim] = torch.rand(examples, generator=generator, dtype=torch.float64)  # aleatoric in [0, 1]
+    temperature = 0.5 + 6 * features[:, memory_dim] if temperature_from_feature else torch.full((examples,), 1.5)
+    labels = torch.multinomial(torch.softmax(logits / temperature.unsqueeze(-1), -1), 1, generator=generator)[:, 0]
+    return {"raw_logits": logits, "um_temperature": torch.ones(examples, dtype=torch.float64), "features": features,
+            "labels": labels, "group": torch.arange(examples)}, memory_dim
+
+
+@pytest.mark.parametrize("temperature_from_feature", [False, True])
+def test_the_parameterised_temperature_is_kept_only_when_clearly_better(temperature_from_feature):
+    """One constant T generates the labels: temperature scaling is kept (the free features only fit noise). T grows
+    with the aleatoric feature: the parameterised form wins the held-out check by a clear margin and is kept."""
+    from types import SimpleNamespace
+
+    from peft_umema.uncertainty import calibration
+    from peft_umema.uncertainty.calibrator import TemperatureCalibrator
+
+    data, memory_dim = _collected(600, temperature_from_feature)
+    report = calibration._fit_temperature(SimpleNamespace(calibrator=TemperatureCalibrator(memory_dim).double()), data)
+    assert report["temperature_fit"] == ("parameterised" if temperature_from_feature else "constant")
+    assert report["dev_nll_after"] <= report["dev_nll_constant"] + 1e-9

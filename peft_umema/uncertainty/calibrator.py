@@ -10,7 +10,8 @@ z = features standardised on the fitting split; w lies in the span of M_U's top 
 memory's novelty (how unlike the query is to what the memory bank holds); gap and entropy are the top-1 minus
 top-2 raw logit and the entropy of the raw softmax. b alone (c = w = u = a = 0) is ordinary temperature scaling,
 which is where the fit starts, so the fit is never worse than temperature scaling on the split it is fitted on;
-a two-fold check on that split keeps the full form only where it also beats temperature scaling on held-out folds.
+a two-fold check on that split keeps the full form only where it beats temperature scaling on held-out folds
+by a clear margin (`calibration.SELECTION_MARGIN` standard errors).
 Until fitted (`fitted == 0`) the calibrator is the identity: T(x) = T_UM(x).
 """
 
