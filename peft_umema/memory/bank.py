@@ -18,7 +18,9 @@ class MemoryBank(nn.Module):
 
     The bank also keeps running per-dimension sums of the individual retrieval queries of the task's training
     examples (`query_sum`, `query_sq_sum`, `query_count`), so that `novelty` can say how unlike them a new query is:
-    the slots themselves are batch means, too smooth to compare single examples with.
+    the slots themselves are batch means, too smooth to compare single examples with. Sums gathered while the query
+    projection trains (and under dropout) describe no single model, so training ends by replacing them with those
+    of the final model in eval mode (`UMEMAModel.refresh_query_statistics`).
     """
 
     def __init__(self, memory_size: int, dim: int):
@@ -80,6 +82,12 @@ class MemoryBank(nn.Module):
         mean = self.query_sum / count
         variance = (self.query_sq_sum / count - mean**2).clamp_min(1e-6)
         return torch.log(((queries.float() - mean) ** 2 / variance).mean(-1).clamp_min(1e-12)).abs()
+
+    def set_query_statistics(self, queries_sum: torch.Tensor, squares_sum: torch.Tensor, count: torch.Tensor) -> None:
+        """Replace the query statistics by these sums (of the final model's queries over the training data)."""
+        self.query_sum.copy_(queries_sum)
+        self.query_sq_sum.copy_(squares_sum)
+        self.query_count.copy_(count)
 
     def discard_pending(self) -> None:
         """Drop what was queued since the last commit (the steps of a diverged run)."""
