@@ -8,6 +8,9 @@ SEQ_CLS = "SEQ_CLS"
 TOKEN_CLS = "TOKEN_CLS"
 SUPPORTED_TASK_TYPES = (SEQ_CLS, TOKEN_CLS)
 
+# the tag of tokens outside every entity in BIO tagging
+OUTSIDE_TAG = "O"
+
 # attribute names of the classification head in transformers' *ForSequenceClassification / *ForTokenClassification
 HEAD_MODULE_NAMES = ("score", "classifier")
 

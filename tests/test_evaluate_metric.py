@@ -141,7 +141,12 @@ def test_compute_metrics_for_token_tasks_scores_entity_spans():
     result = make_compute_metrics("TOKEN_CLS", names)(EvalPrediction(predictions=predicted, label_ids=gold))
     assert result["precision"] == 1.0 and result["recall"] == 0.5 and result["f1"] == pytest.approx(2 / 3)
     assert result["accuracy"] == pytest.approx(3 / 5)
-    assert set(result) == {"precision", "recall", "f1", "accuracy"} | CALIBRATION_KEYS
+    assert set(result) == {"precision", "recall", "f1", "accuracy", "entity_ece", "entity_nll"} | CALIBRATION_KEYS
+    # the entity tokens (gold not O): B-PER, I-PER right, B-LOC wrong, each at confidence e^4 / (e^4 + 3)
+    confidence = np.exp(4) / (np.exp(4) + 3)
+    assert result["entity_ece"] == pytest.approx(confidence - 2 / 3, abs=1e-5)
+    assert result["entity_nll"] == pytest.approx(-np.log(confidence) * 2 / 3 - np.log(1 / (np.exp(4) + 3)) / 3,
+                                                 abs=1e-5)
 
 
 class _TokenRows(Dataset):

@@ -26,6 +26,7 @@ import datasets
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
 
+from ..constants import OUTSIDE_TAG
 from .columns import ColumnOptions, canonical_split_names, check_empty, conform, option_hint
 from .readers import CONLL, data_format, find_split_files, read_conll, read_lines, read_table
 from .schema import SEQ_CLS, TOKEN_CLS, DataSchema, bio_label_names, schema_of  # noqa: F401 (re-exported)
@@ -116,7 +117,7 @@ def stratification_keys(dataset: Dataset, schema: Optional[DataSchema] = None) -
 
 def _dominant_entity_type(tags: SequenceOf[str]) -> str:
     span_counts = Counter()
-    previous = "O"
+    previous = OUTSIDE_TAG
     for tag in tags:
         if tag.startswith("B-") or (tag.startswith("I-") and previous[2:] != tag[2:]):
             span_counts[tag[2:]] += 1

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from ..constants import OUTSIDE_TAG
+
 TABLE_FORMATS = ("csv", "tsv", "json", "parquet")
 CONLL = "conll"
 # Compression suffixes `datasets`' builders undo by themselves.
@@ -248,8 +250,8 @@ def to_iob2(tags: Iterable[str]) -> list[str]:
         match = _TAG.fullmatch(tag) if isinstance(tag, str) else None
         if match is None:
             raise ValueError(f"{tag!r} is not an entity tag ('O', 'B-<type>', 'I-<type>').")
-        if tag == "O":
-            converted.append("O")
+        if tag == OUTSIDE_TAG:
+            converted.append(OUTSIDE_TAG)
             previous_type = None
             continue
         prefix, entity_type = match["prefix"], match["type"]

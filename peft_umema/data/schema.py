@@ -15,7 +15,7 @@ from typing import Optional
 
 from datasets import ClassLabel, Dataset, DatasetDict
 
-from ..constants import IGNORE_INDEX, SEQ_CLS, TOKEN_CLS
+from ..constants import IGNORE_INDEX, OUTSIDE_TAG, SEQ_CLS, TOKEN_CLS
 
 __all__ = [
     "IGNORE_INDEX",
@@ -131,8 +131,8 @@ def bio_label_names(tags: Iterable[str]) -> list[str]:
 
     Both tags of a type are listed even when a split only shows one of them, so a model can predict either.
     """
-    types = sorted({tag[2:] for tag in tags if tag != "O"})
-    return ["O"] + [f"{prefix}-{entity_type}" for entity_type in types for prefix in ("B", "I")]
+    types = sorted({tag[2:] for tag in tags if tag != OUTSIDE_TAG})
+    return [OUTSIDE_TAG] + [f"{prefix}-{entity_type}" for entity_type in types for prefix in ("B", "I")]
 
 
 def first_split(dataset: Dataset | DatasetDict) -> Dataset:

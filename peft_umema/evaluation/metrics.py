@@ -21,7 +21,7 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
-from ..constants import IGNORE_INDEX
+from ..constants import IGNORE_INDEX, OUTSIDE_TAG
 
 # Floor on the probability of the true class, so that one confident mistake gives a large but finite NLL.
 PROBABILITY_FLOOR = 1e-12
@@ -218,8 +218,9 @@ def token_classification_metrics(probs, labels, label_names, confidences=None) -
         confidences: per-token scores shaped like ``labels``; default the maximum probability.
 
     Returns:
-        span ``precision``, ``recall``, ``f1``; token ``accuracy``; and ``ece``, ``nll``, ``brier``,
-        ``auroc_error``, ``aurc`` over the scored tokens.
+        span ``precision``, ``recall``, ``f1``; token ``accuracy``; ``ece``, ``nll``, ``brier``,
+        ``auroc_error``, ``aurc`` over the scored tokens; and ``entity_ece``, ``entity_nll`` over the tokens whose gold
+        tag is not ``O`` (when there are any).
     """
     label_names = list(label_names)
     sentence_probs = _per_sentence(probs, "probs")
@@ -256,6 +257,13 @@ def token_classification_metrics(probs, labels, label_names, confidences=None) -
     metrics = _calibration_metrics(
         all_probs, all_labels, np.concatenate(kept_confidences) if sentence_confidences is not None else None
     )
+    entity = np.array([label_names[tag] != OUTSIDE_TAG for tag in all_labels])
+    if entity.any():  # most tokens are O: calibration over them alone says little about the entities
+        entity_confidences = (all_probs.max(axis=1) if sentence_confidences is None
+                              else np.concatenate(kept_confidences))[entity]
+        entity_correct = all_probs[entity].argmax(axis=1) == all_labels[entity]
+        metrics["entity_ece"] = expected_calibration_error(entity_confidences, entity_correct)
+        metrics["entity_nll"] = negative_log_likelihood(all_probs[entity], all_labels[entity])
     return {
         "precision": float(span_precision_score(gold_tags, predicted_tags, **span_options)),
         "recall": float(span_recall_score(gold_tags, predicted_tags, **span_options)),

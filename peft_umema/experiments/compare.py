@@ -75,10 +75,12 @@ class Column:
 
 
 def _columns(task_type: str) -> tuple[Column, ...]:
+    token_columns = () if task_type == SEQ_CLS else (Column("entity_ece", "Entity-token ECE ↓", 3),)
     task_metric = Column("accuracy", "Accuracy ↑", 3) if task_type == SEQ_CLS else Column("f1", "Span F1 ↑", 3)
     return (
         task_metric,
         Column("ece", "ECE ↓", 3),
+        *token_columns,
         Column("nll", "NLL ↓", 3),
         Column("brier", "Brier ↓", 3),
         Column("auroc_error", "Error AUROC ↑", 3),
