@@ -233,3 +233,23 @@ def test_swag_says_when_training_ends_before_collecting(sequence_lora):
     _, setup, _ = sequence_lora
     with pytest.raises(ValueError, match="SWAG collected no snapshot.*lower start_epoch"):
         methods.configured_method("swag", {"start_epoch": 5.0}).fit(setup)
+
+
+@pytest.mark.parametrize("token_task", [False, True])
+def test_a_model_that_predicts_one_label_everywhere_is_reported(token_task):
+    import warnings
+
+    from peft_umema.experiments.methods import Predictions, TrainOptions
+    from peft_umema.experiments.runs import _warn_if_one_label
+
+    shape = (5, 3) if token_task else (3,)
+    constant = np.zeros(shape)
+    constant[..., 0] = 1.0
+    mixed = constant.copy()
+    mixed[..., 0], mixed[..., 2] = 0.0, 1.0
+    names = ["O", "B-PER", "I-PER"]
+    with pytest.warns(UserWarning, match=f"predicted 'O' for every test {'word' if token_task else 'example'}"):
+        _warn_if_one_label(Predictions(probs=[constant, constant], labels=[]), names, "lora", TrainOptions())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_one_label(Predictions(probs=[constant, mixed], labels=[]), names, "lora", TrainOptions())

@@ -202,6 +202,7 @@ def train(
     predictions = chosen.predict(fitted, test_batches, progress=train_options.progress)
     test_metrics = score_predictions(predictions, task_type, label_names)
     test_seconds = time.perf_counter() - test_started
+    _warn_if_one_label(predictions, label_names, chosen.name, train_options)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     chosen.save(fitted, output_dir)
@@ -496,6 +497,21 @@ def run_info_for(model: PeftModel, max_length: int = TrainOptions.max_length) ->
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _warn_if_one_label(predictions: Predictions, label_names: Sequence[str], method: str,
+                       options: TrainOptions) -> None:
+    """A model that gives every test example (every word) the same label has not learned the task, and its
+    calibration scores describe a constant predictor: say so, and what to change."""
+    predicted = np.unique(np.concatenate([np.reshape(np.argmax(probs, -1), -1) for probs in predictions.probs]))
+    if len(predicted) == 1 and len(label_names) > 1:
+        warnings.warn(
+            f"{method} predicted {label_names[int(predicted[0])]!r} for every test "
+            f"{'example' if np.ndim(predictions.probs[0]) == 1 else 'word'}: it did not learn the task in "
+            f"{options.epochs:g} epochs at learning rate {options.learning_rate:g}. Train longer (--epochs; early "
+            "stopping keeps the best epoch), with more shots, or at another learning rate before comparing scores.",
+            stacklevel=3,
+        )
 
 
 def _base_fit(method: Method, base_run, backbone: str, data: str, shots, seed: int,
