@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from peft_umema.constants import IGNORE_INDEX
 from peft_umema.data.loaders import load_data
-from peft_umema.data.preprocessing import tokenize_dataset
+from peft_umema.data.preprocessing import k_shot_subset, tokenize_dataset
 from peft_umema.evaluation.metrics import (
     error_detection_auroc,
     expected_calibration_error,
@@ -69,6 +69,12 @@ def collect(folder: Path, data: str) -> None:
     run = runs.load_run(folder)
     splits, schema = load_data(data)
     model = run.fitted.model
+    if hasattr(model.base_model, "refresh_query_statistics"):
+        # what training does at its end since the query-statistics fix; runs trained before it hold stale ones
+        metrics = json.loads((folder / runs.METRICS_NAME).read_text())
+        train = k_shot_subset(splits["train"], metrics["shots"], metrics["seed"], schema=schema)
+        tokenized = tokenize_dataset(train, run.tokenizer, run.info["max_length"], schema=schema)
+        model.base_model.refresh_query_statistics(dev_batches(tokenized, run.task_type, run.tokenizer, 32))
     tensors = {}
     for split in ("validation", "test"):
         tokenized = tokenize_dataset(splits[split], run.tokenizer, run.info["max_length"], schema=schema)
