@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from peft_umema.constants import IGNORE_INDEX
+from peft_umema.baselines.prediction import collect_logits, labeled
 from peft_umema.data.loaders import load_data
 from peft_umema.data.preprocessing import k_shot_subset, tokenize_dataset
 from peft_umema.evaluation.metrics import (
@@ -43,23 +43,24 @@ def run_folder(root: Path, data: str, variant: str, seed: int) -> Path:
     return root / Path(data).name / f"{variant}_seed{seed}"
 
 
-@torch.no_grad()
 def _collect_plain(model, dataloader) -> dict[str, torch.Tensor]:
-    """Logits and labels per labelled position, for runs without UM."""
-    model.eval()
-    logits, labels, groups, examples = [], [], [], 0
-    for batch in dataloader:
-        gold = batch.pop("labels")
-        out = model(**batch).logits
-        valid = gold != IGNORE_INDEX
-        group = torch.arange(examples, examples + gold.shape[0])
-        examples += gold.shape[0]
-        if gold.dim() == 2:
-            group = group.unsqueeze(1).expand_as(gold)
-        logits.append(out[valid].double())
-        labels.append(gold[valid])
-        groups.append(group[valid])
-    return {"raw_logits": torch.cat(logits), "labels": torch.cat(labels), "group": torch.cat(groups)}
+    """Logits and labels per labelled position, for runs without UM (as `calibration._collect` lays them out)."""
+    collected = collect_logits(model, dataloader)
+    rows = torch.arange(len(collected.labels)).view(-1, *([1] * (collected.labels.dim() - 1)))
+    logits, labels = labeled(collected.logits.double(), collected.labels)
+    return {"raw_logits": logits, "labels": labels, "group": labeled(rows.expand_as(collected.labels), collected.labels)[0]}
+
+
+def refresh_query_statistics(run, folder: Path, splits, schema) -> None:
+    """What training does at its end since the query-statistics fix, over the run's own k-shot subset: runs
+    trained before it hold statistics of the whole training path; for newer runs it recomputes what they hold."""
+    tuner = run.fitted.model.base_model
+    if not hasattr(tuner, "refresh_query_statistics"):
+        return
+    metrics = json.loads((folder / runs.METRICS_NAME).read_text())
+    train = k_shot_subset(splits["train"], metrics["shots"], metrics["seed"], schema=schema)
+    tokenized = tokenize_dataset(train, run.tokenizer, run.info["max_length"], schema=schema)
+    tuner.refresh_query_statistics(dev_batches(tokenized, run.task_type, run.tokenizer, 32))
 
 
 def collect(folder: Path, data: str) -> None:
@@ -69,12 +70,7 @@ def collect(folder: Path, data: str) -> None:
     run = runs.load_run(folder)
     splits, schema = load_data(data)
     model = run.fitted.model
-    if hasattr(model.base_model, "refresh_query_statistics"):
-        # what training does at its end since the query-statistics fix; runs trained before it hold stale ones
-        metrics = json.loads((folder / runs.METRICS_NAME).read_text())
-        train = k_shot_subset(splits["train"], metrics["shots"], metrics["seed"], schema=schema)
-        tokenized = tokenize_dataset(train, run.tokenizer, run.info["max_length"], schema=schema)
-        model.base_model.refresh_query_statistics(dev_batches(tokenized, run.task_type, run.tokenizer, 32))
+    refresh_query_statistics(run, folder, splits, schema)
     tensors = {}
     for split in ("validation", "test"):
         tokenized = tokenize_dataset(splits[split], run.tokenizer, run.info["max_length"], schema=schema)

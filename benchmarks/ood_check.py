@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from calibration_study import refresh_query_statistics
 from datasets import Dataset
 from sklearn.metrics import roc_auc_score
 
 from peft_umema.baselines.mc_dropout import MCDropout
 from peft_umema.data.loaders import load_data
-from peft_umema.data.preprocessing import k_shot_subset, tokenize_dataset
+from peft_umema.data.preprocessing import tokenize_dataset
 from peft_umema.experiments import runs
 from peft_umema.experiments.methods import dev_batches
 
@@ -77,11 +78,7 @@ def main() -> None:
 
     for folder in finished("umema_seed*"):
         run = runs.load_run(folder)
-        # runs trained before training ended with this refresh hold statistics of the whole training path; for
-        # newer runs it recomputes what they hold
-        metrics = json.loads((folder / runs.METRICS_NAME).read_text())
-        train = k_shot_subset(load_data(IN_DISTRIBUTION)[0]["train"], metrics["shots"], metrics["seed"], schema=schema)
-        run.fitted.model.base_model.refresh_query_statistics(batches(run, train))
+        refresh_query_statistics(run, folder, load_data(IN_DISTRIBUTION)[0], schema)
         pred = [run.method.predict(run.fitted, batches(run, d), progress=False) for d in (inside, outside)]
         add("UMEMA epistemic", *(np.stack(p.epistemic) for p in pred))
         add("UMEMA 1 - confidence", *(1 - np.stack(p.confidence) for p in pred))
