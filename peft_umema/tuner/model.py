@@ -259,7 +259,7 @@ class UMEMAModel(LoraModel):
         from the current model in eval mode over `batches` (the training data; dicts of model inputs, `labels`
         ignored). Those gathered during training mix every state the query projection passed through, and dropout:
         on MiniLM trained 3 epochs on SemEval they ranked 20 Newsgroups snippets as *more* familiar than SemEval
-        test sentences (AUROC 0.26), refreshed ones as less (0.76). `MemoryUpdateCallback` calls it at the end of
+        test sentences, refreshed ones as less (docs/method.md, section 1). `MemoryUpdateCallback` calls it at the end of
         training; under torch.distributed every rank must call it (the sums are all-reduced). Returns the number of
         queries counted."""
         name = adapter_name or self._single_active_adapter()
