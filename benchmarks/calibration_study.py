@@ -51,16 +51,16 @@ def _collect_plain(model, dataloader) -> dict[str, torch.Tensor]:
     return {"raw_logits": logits, "labels": labels, "group": labeled(rows.expand_as(collected.labels), collected.labels)[0]}
 
 
-def refresh_query_statistics(run, folder: Path, splits, schema) -> None:
-    """What training does at its end since the query-statistics fix, over the run's own k-shot subset: runs
-    trained before it hold statistics of the whole training path; for newer runs it recomputes what they hold."""
+def refresh_novelty_references(run, folder: Path, splits, schema) -> None:
+    """What training does at its end, over the run's own k-shot subset: for runs of this version it recomputes what
+    they hold; runs saved before the references existed get them here."""
     tuner = run.fitted.model.base_model
-    if not hasattr(tuner, "refresh_query_statistics"):
+    if not hasattr(tuner, "refresh_novelty_references"):
         return
     metrics = json.loads((folder / runs.METRICS_NAME).read_text())
     train = k_shot_subset(splits["train"], metrics["shots"], metrics["seed"], schema=schema)
     tokenized = tokenize_dataset(train, run.tokenizer, run.info["max_length"], schema=schema)
-    tuner.refresh_query_statistics(dev_batches(tokenized, run.task_type, run.tokenizer, 32))
+    tuner.refresh_novelty_references(dev_batches(tokenized, run.task_type, run.tokenizer, 32))
 
 
 def collect(folder: Path, data: str) -> None:
@@ -70,7 +70,7 @@ def collect(folder: Path, data: str) -> None:
     run = runs.load_run(folder)
     splits, schema = load_data(data)
     model = run.fitted.model
-    refresh_query_statistics(run, folder, splits, schema)
+    refresh_novelty_references(run, folder, splits, schema)
     tensors = {}
     for split in ("validation", "test"):
         tokenized = tokenize_dataset(splits[split], run.tokenizer, run.info["max_length"], schema=schema)

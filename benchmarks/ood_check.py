@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from calibration_study import refresh_query_statistics
+from calibration_study import refresh_novelty_references
 from datasets import Dataset
 from sklearn.metrics import roc_auc_score
 
@@ -78,7 +78,7 @@ def main() -> None:
 
     for folder in finished("umema_seed*"):
         run = runs.load_run(folder)
-        refresh_query_statistics(run, folder, load_data(IN_DISTRIBUTION)[0], schema)
+        refresh_novelty_references(run, folder, load_data(IN_DISTRIBUTION)[0], schema)
         pred = [run.method.predict(run.fitted, batches(run, d), progress=False) for d in (inside, outside)]
         add("UMEMA epistemic", *(np.stack(p.epistemic) for p in pred))
         add("UMEMA 1 - confidence", *(1 - np.stack(p.confidence) for p in pred))

@@ -1,9 +1,11 @@
 """UMEMA's epistemic uncertainty rises on text unlike what its memory holds, on real MiniLM weights.
 
 The memory is filled as training fills it (training-mode forward passes, one commit per batch) with SemEval-2010
-sentences; held-out SemEval sentences must then look familiar and 20 Newsgroups messages unfamiliar.
+sentences, and its novelty references are set from them as training ends; held-out SemEval sentences must then look
+familiar, 20 Newsgroups messages and word-shuffled training sentences unfamiliar.
 """
 
+import random
 import tarfile
 
 import numpy as np
@@ -30,10 +32,14 @@ def newsgroup_messages(count: int) -> list[str]:
     return texts
 
 
+def batches(tokenizer, texts):
+    for start in range(0, len(texts), 16):
+        yield tokenizer(texts[start:start + 16], truncation=True, max_length=64, padding=True, return_tensors="pt")
+
+
 def epistemic(model, tokenizer, texts, train: bool = False) -> np.ndarray:
     values = []
-    for start in range(0, len(texts), 16):
-        batch = tokenizer(texts[start:start + 16], truncation=True, max_length=64, padding=True, return_tensors="pt")
+    for batch in batches(tokenizer, texts):
         if train:
             model.train()
             model(**batch)
@@ -45,15 +51,26 @@ def epistemic(model, tokenizer, texts, train: bool = False) -> np.ndarray:
     return torch.cat(values).numpy() if values else np.zeros(0)
 
 
-def test_epistemic_is_higher_on_out_of_domain_text():
+def auroc(familiar: np.ndarray, unfamiliar: np.ndarray) -> float:
+    return roc_auc_score(np.r_[np.zeros(len(familiar)), np.ones(len(unfamiliar))], np.r_[familiar, unfamiliar])
+
+
+def test_epistemic_is_higher_on_out_of_domain_and_word_shuffled_text():
     sentences = list(load_benchmark(str(SHARED_DATA / "semeval2010_task8"))["train"]["text"])
     torch.manual_seed(0)
     base, tokenizer = load_backbone("minilm", "SEQ_CLS", num_labels=19)
     model = get_peft_model(base, UMEMAConfig(task_type="SEQ_CLS", r=8, memory_size=32))
-    epistemic(model, tokenizer, sentences[:512], train=True)  # 32 commits: a full bank of SemEval batches
+    training = sentences[:512]
+    epistemic(model, tokenizer, training, train=True)  # 32 commits: a full bank of SemEval batches
+    assert model.base_model.refresh_novelty_references(batches(tokenizer, training)) == 512
     in_domain = epistemic(model, tokenizer, sentences[1000:1064])
     out_of_domain = epistemic(model, tokenizer, newsgroup_messages(64))
-    labels = np.r_[np.zeros(len(in_domain)), np.ones(len(out_of_domain))]
-    auroc = roc_auc_score(labels, np.r_[in_domain, out_of_domain])
-    print(f"epistemic: in-domain {in_domain.mean():.3f}, out-of-domain {out_of_domain.mean():.3f}, AUROC {auroc:.3f}")
-    assert out_of_domain.mean() > in_domain.mean() and auroc > 0.8, (in_domain.mean(), out_of_domain.mean(), auroc)
+    score = auroc(in_domain, out_of_domain)
+    print(f"epistemic: in-domain {in_domain.mean():.3f}, out-of-domain {out_of_domain.mean():.3f}, AUROC {score:.3f}")
+    assert out_of_domain.mean() > in_domain.mean() and score > 0.9, (in_domain.mean(), out_of_domain.mean(), score)
+
+    rng = random.Random(0)
+    seen = training[:64]
+    shuffled = [" ".join(rng.sample(text.split(), len(text.split()))) for text in seen]
+    score = auroc(epistemic(model, tokenizer, seen), epistemic(model, tokenizer, shuffled))
+    assert score > 0.9, score  # the contextual summaries of shuffled sentences match no training example

@@ -28,13 +28,14 @@ class MemoryAugmentation(nn.Module):
         gate_bias_init: float,
         token_level: bool,
         top_k: Optional[int] = None,
+        reference_size: int = 0,
     ):
         super().__init__()
         self.token_level = token_level
         self.top_k = top_k
         self.retrieval_temperature = retrieval_temperature
         self.scale = math.sqrt(hidden_size)
-        self.bank = MemoryBank(memory_size, hidden_size)
+        self.bank = MemoryBank(memory_size, hidden_size, reference_size)
         self.query_proj = nn.Linear(hidden_size + uncertainty_dim, hidden_size)
         self.gate_hidden = nn.Linear(hidden_size, hidden_size)
         self.gate_context = nn.Linear(hidden_size + uncertainty_dim, hidden_size, bias=False)
@@ -76,9 +77,9 @@ class MemoryAugmentation(nn.Module):
         return gate * read + (1 - gate) * hidden
 
     def queue_write(self, fused_summary: torch.Tensor, uncertainty_memory: Optional[torch.Tensor],
-                    weights: Optional[torch.Tensor] = None, queries: Optional[torch.Tensor] = None) -> None:
+                    weights: Optional[torch.Tensor] = None) -> None:
         """Queue this batch's write: key in query space (so similar contexts find it), value = the fused state;
-        the bank stores their (`weights`-weighted) mean over the mini-batch, and the statistics of `queries`."""
+        the bank stores their (`weights`-weighted) mean over the mini-batch."""
         with torch.no_grad():
             keys = self.query(fused_summary, uncertainty_memory)
-        self.bank.queue_write(keys, fused_summary.detach(), weights, queries)
+        self.bank.queue_write(keys, fused_summary.detach(), weights)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -16,25 +17,25 @@ class MemoryBank(nn.Module):
     all-reduced, so every rank writes the same slot with the same content). A write edits one slot in place (O(d)
     whatever J), so commit after the backward pass: autograd refuses a backward through slots edited since.
 
-    The bank also keeps running per-dimension sums of the individual retrieval queries of the task's training
-    examples (`query_sum`, `query_sq_sum`, `query_count`), so that `novelty` can say how unlike them a new query is:
-    the slots themselves are batch means, too smooth to compare single examples with. Sums gathered while the query
-    projection trains (and under dropout) describe no single model, so training ends by replacing them with those
-    of the final model in eval mode (`UMEMAModel.refresh_query_statistics`).
+    Besides the slots, the bank keeps `reference_size` unit-length context summaries of individual training examples
+    (`references`, the first `reference_count` rows), the reference of `novelty`: the slots are batch means, too
+    smooth to compare single examples with (every query points the way of their common mean). Summaries taken while
+    the model trains describe no single model, so the references are set once training ends, from the final model
+    in eval mode (`UMEMAModel.refresh_novelty_references`).
     """
 
-    def __init__(self, memory_size: int, dim: int):
+    def __init__(self, memory_size: int, dim: int, reference_size: int = 0):
         super().__init__()
         self.memory_size = memory_size
         self.dim = dim
+        self.reference_size = reference_size
         self.register_buffer("keys", torch.empty(memory_size, dim))
         self.register_buffer("values", torch.empty(memory_size, dim))
         self.register_buffer("write_pointer", torch.zeros((), dtype=torch.long))
         self.register_buffer("fill_count", torch.zeros((), dtype=torch.long))
-        self.register_buffer("query_sum", torch.zeros(dim))
-        self.register_buffer("query_sq_sum", torch.zeros(dim))
-        self.register_buffer("query_count", torch.zeros(()))
-        # [4 * dim + 2]: key sum, value sum, item count, query sum, query square sum, query count
+        self.register_buffer("references", torch.zeros(reference_size, dim))
+        self.register_buffer("reference_count", torch.zeros((), dtype=torch.long))
+        # [2 * dim + 1]: key sum, value sum, item count
         self._pending_sum: torch.Tensor | None = None
         self.pending_writes = 0
         self.reset()
@@ -49,45 +50,40 @@ class MemoryBank(nn.Module):
         self.values = values.to(self.values.dtype)
         self.write_pointer = torch.zeros_like(self.write_pointer)
         self.fill_count = torch.zeros_like(self.fill_count)
-        self.query_sum = torch.zeros_like(self.query_sum)
-        self.query_sq_sum = torch.zeros_like(self.query_sq_sum)
-        self.query_count = torch.zeros_like(self.query_count)
+        self.references = torch.zeros_like(self.references)
+        self.reference_count = torch.zeros_like(self.reference_count)
         self._pending_sum, self.pending_writes = None, 0
 
-    def queue_write(self, keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor | None = None,
-                    queries: torch.Tensor | None = None) -> None:
-        """Add the [B, d] write keys and values of one training batch to the pending write, and the batch's
-        retrieval `queries` [B, d] to the query statistics; `weights` [B] (0 or 1) leaves rows out without a host
-        sync."""
+    def queue_write(self, keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Add the [B, d] write keys and values of one training batch to the pending write; `weights` [B] (0 or 1)
+        leaves rows out without a host sync."""
         keys, values = keys.detach().float(), values.detach().float()
         if weights is None:
             weights = torch.ones(keys.shape[0], device=keys.device)
         weights = weights.float().unsqueeze(-1)
-        query_part = torch.zeros(2 * self.dim + 1, device=keys.device)
-        if queries is not None:
-            queries = queries.detach().float()
-            query_part = torch.cat([(weights * queries).sum(0), (weights * queries**2).sum(0), weights.sum(0)])
-        batch = torch.cat([(weights * keys).sum(0), (weights * values).sum(0), weights.sum(0), query_part])
+        batch = torch.cat([(weights * keys).sum(0), (weights * values).sum(0), weights.sum(0)])
         self._pending_sum = batch if self._pending_sum is None else self._pending_sum + batch
         self.pending_writes += 1
 
     @torch.no_grad()
-    def novelty(self, queries: torch.Tensor) -> torch.Tensor:
-        """[B, d] -> [B]: |log mean_k (q_k - mu_k)^2 / var_k|, how far each query's squared standardised distance
-        to the training queries of this task lies from its in-distribution value 1 (a typicality test: queries of
-        unfamiliar inputs land too far from the mean, or collapse too close to it); 0 before two have been seen."""
-        count = float(self.query_count)
-        if count < 2:
-            return torch.zeros(queries.shape[0], device=queries.device)
-        mean = self.query_sum / count
-        variance = (self.query_sq_sum / count - mean**2).clamp_min(1e-6)
-        return torch.log(((queries.float() - mean) ** 2 / variance).mean(-1).clamp_min(1e-12)).abs()
+    def novelty(self, summaries: torch.Tensor) -> torch.Tensor:
+        """[B, d] -> [B] in [0, 2]: 1 - the cosine similarity of each context summary to its nearest reference (a
+        nearest-neighbour test of how unlike every training example the input is); 0 while there is no reference."""
+        count = int(self.reference_count)
+        if count == 0:
+            return torch.zeros(summaries.shape[0], device=summaries.device)
+        queries = F.normalize(summaries.float(), dim=-1)
+        return 1 - (queries @ self.references[:count].to(queries.device).T).amax(-1)
 
-    def set_query_statistics(self, queries_sum: torch.Tensor, squares_sum: torch.Tensor, count: torch.Tensor) -> None:
-        """Replace the query statistics by these sums (of the final model's queries over the training data)."""
-        self.query_sum.copy_(queries_sum)
-        self.query_sq_sum.copy_(squares_sum)
-        self.query_count.copy_(count)
+    def set_references(self, summaries: torch.Tensor) -> None:
+        """Replace the references by these [n, d] context summaries (n <= reference_size), stored at unit length."""
+        count = summaries.shape[0]
+        if count > self.reference_size:
+            raise ValueError(f"{count} reference summaries do not fit the bank's {self.reference_size} rows.")
+        references = torch.zeros_like(self.references)
+        references[:count] = F.normalize(summaries.to(references), dim=-1)
+        self.references = references
+        self.reference_count = torch.full_like(self.reference_count, count)
 
     def discard_pending(self) -> None:
         """Drop what was queued since the last commit (the steps of a diverged run)."""
@@ -98,7 +94,7 @@ class MemoryBank(nn.Module):
         summary (a diverged model) raises and leaves the bank untouched; `step` names the step in that message."""
         pending = self._pending_sum
         if pending is None:
-            pending = torch.zeros(4 * self.dim + 2, device=self.keys.device)
+            pending = torch.zeros(2 * self.dim + 1, device=self.keys.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             pending = pending.to(self.keys.device).clone()
             dist.all_reduce(pending)  # every rank must commit at the same step (MemoryUpdateCallback does)
@@ -119,11 +115,7 @@ class MemoryBank(nn.Module):
             self.values[pointer].copy_(value)
             self.write_pointer.fill_((pointer + 1) % self.memory_size)
             self.fill_count.fill_(min(int(self.fill_count) + 1, self.memory_size))
-            query = pending[2 * self.dim + 1 :]
-            self.query_sum.add_(query[: self.dim])
-            self.query_sq_sum.add_(query[self.dim : 2 * self.dim])
-            self.query_count.add_(query[-1])
         return True
 
     def extra_repr(self) -> str:
-        return f"memory_size={self.memory_size}, dim={self.dim}"
+        return f"memory_size={self.memory_size}, dim={self.dim}, reference_size={self.reference_size}"

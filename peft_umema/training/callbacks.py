@@ -26,8 +26,8 @@ class MemoryUpdateCallback(TrainerCallback):
     - at the start of training (and whenever `set_task` names a new task), selects the task embedding and starts
       a fresh bank if the task changed;
     - stops training with a clear error when the loss became NaN or inf, before that step is checkpointed;
-    - at the end of training (after the best checkpoint is loaded back), recomputes the bank's query statistics
-      with the final model over the training data (`UMEMAModel.refresh_query_statistics`): one extra pass in eval
+    - at the end of training (after the best checkpoint is loaded back), sets the bank's novelty references from
+      the final model over the training data (`UMEMAModel.refresh_novelty_references`): one extra pass in eval
       mode, so that `epistemic` measures novelty against the model that predicts;
     - adds `task_loss`, `confidence_loss`, `memory_fill`, `mean_confidence` and `mean_temperature` to every
       training log.
@@ -67,7 +67,7 @@ class MemoryUpdateCallback(TrainerCallback):
         if tuner is not None and train_dataloader is not None:
             for name, modules in tuner.umema_modules.items():
                 if modules.memory is not None and name in tuner.active_adapters:
-                    tuner.refresh_query_statistics(train_dataloader, name)
+                    tuner.refresh_novelty_references(train_dataloader, name, seed=args.seed)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is not None and "loss" in logs:

@@ -18,7 +18,8 @@ from torch import nn
 
 MODULES_ATTR = "umema_modules"
 PEFT_TYPE_NAME = "UMEMA"
-BANK_SUFFIXES = ("bank.keys", "bank.values", "bank.write_pointer", "bank.fill_count")
+BANK_SUFFIXES = ("bank.keys", "bank.values", "bank.write_pointer", "bank.fill_count", "bank.references",
+                 "bank.reference_count")
 CONVERT_HINT = (
     "convert a .bin you trust with: python -c \"import torch; from safetensors.torch import save_file; "
     "save_file(torch.load('adapter_model.bin', weights_only=True), 'adapter_model.safetensors')\""
@@ -99,17 +100,24 @@ def _check_bank_buffers(config, state_dict: dict[str, torch.Tensor], marker: str
         if marker not in key or not key.endswith(BANK_SUFFIXES):
             continue
         name = key.split(marker, 1)[1]
-        if key.endswith(("bank.keys", "bank.values")):
+        if key.endswith(("bank.keys", "bank.values", "bank.references")):
             if tensor.dim() != 2:
                 raise ValueError(f"The adapter's {name} has shape {tuple(tensor.shape)}; a memory bank is a "
                                  f"(memory_size, hidden size) matrix. The adapter file is corrupted.")
+            if key.endswith("bank.references") and tensor.shape[0] != config.novelty_references:
+                raise ValueError(f"The adapter's bank holds {tensor.shape[0]} novelty references, the config asks "
+                                 f"for novelty_references={config.novelty_references}. Use the adapter's own "
+                                 "adapter_config.json.")
             continue
         if tensor.dim() != 0 or tensor.is_floating_point():
             raise ValueError(f"The adapter's {name} must be an integer scalar, got shape {tuple(tensor.shape)} "
                              f"dtype {tensor.dtype}. The adapter file is corrupted.")
-        high = size - 1 if key.endswith("write_pointer") else size
+        if key.endswith("reference_count"):
+            high, setting = config.novelty_references, f"novelty_references={config.novelty_references}"
+        else:
+            high, setting = (size - 1 if key.endswith("write_pointer") else size), f"memory_size={size}"
         if not 0 <= int(tensor) <= high:
-            raise ValueError(f"The adapter's {name} = {int(tensor)} is outside [0, {high}] for memory_size={size}: "
+            raise ValueError(f"The adapter's {name} = {int(tensor)} is outside [0, {high}] for {setting}: "
                              "the adapter file is corrupted or its adapter_config.json was edited.")
 
 

@@ -85,9 +85,9 @@ class UMEMAConfig(LoraConfig):
     epistemic_from_memory: bool = field(
         default=True,
         metadata={
-            "help": "Add the memory's novelty (a typicality test of the query against the training queries the "
-            "bank has seen) to the reported epistemic uncertainty, so it rises on inputs unlike the training data "
-            "(ours). False = the propagation dispersion only (paper)."
+            "help": "Add the memory's novelty (1 - cosine similarity of the input's context summary to the nearest of "
+            "`novelty_references` training examples) to the reported epistemic uncertainty, so it rises on inputs "
+            "unlike the training data (ours). False = the propagation dispersion only (paper)."
         },
     )
     confidence_loss_weight: float = field(
@@ -109,6 +109,15 @@ class UMEMAConfig(LoraConfig):
         metadata={
             "help": "Read only the k best-matching slots (softmax over those k). None = dense read over all J slots "
             "(paper). Worth it for banks of many thousand slots."
+        },
+    )
+    novelty_references: int = field(
+        default=512,
+        metadata={
+            "help": "Context summaries of training examples (a uniform sample, taken by the final model when training "
+            "ends) that the memory keeps as the reference of its novelty, besides its J slots (ours). More rows, a "
+            "sharper novelty: 0.947 / 0.960 / 0.968 AUROC for 20 Newsgroups vs SemEval with 256 / 512 / 1000 "
+            "(docs/method.md). 0 = no novelty."
         },
     )
     context_pooling: Literal["auto", "mean", "last"] = field(
@@ -168,6 +177,10 @@ class UMEMAConfig(LoraConfig):
         for name, value in positive_ints.items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"UMEMAConfig({name}={value!r}): must be a positive integer.")
+        references = self.novelty_references
+        if not isinstance(references, int) or isinstance(references, bool) or references < 0:
+            raise ValueError(f"UMEMAConfig(novelty_references={references!r}): must be an integer >= 0 (0 turns the "
+                             "memory's novelty off).")
         if not isinstance(self.propagation_layers, int) or self.propagation_layers < 0:
             raise ValueError(
                 f"UMEMAConfig(propagation_layers={self.propagation_layers!r}): must be an integer >= 0 "

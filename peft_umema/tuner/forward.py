@@ -49,10 +49,10 @@ class CallState:
     uncertainty: Optional[UncertaintyState] = None
     um_temperature: Optional[torch.Tensor] = None  # T_UM from M_U, [B] or [B, T]
     temperature: Optional[torch.Tensor] = None  # the temperature applied (T_UM, or the held-out fit of it)
-    novelty: Optional[torch.Tensor] = None  # [B]: how unlike the memory's slots the query is (eval only)
+    novelty: Optional[torch.Tensor] = None  # [B]: how unlike the memory's training references the input is (eval)
     raw_logits: Optional[torch.Tensor] = None  # uncalibrated logits at the scored positions
     fused_summary: Optional[torch.Tensor] = None  # [B, d]: what this batch writes into the memory
-    query: Optional[torch.Tensor] = None  # [B, d]: the retrieval queries (their statistics feed the novelty)
+    summary: Optional[torch.Tensor] = None  # [B, d]: the context summaries c (the novelty compares them)
     training: bool = False
 
     @property
@@ -204,9 +204,9 @@ def augment(call: CallState, head_input: torch.Tensor) -> torch.Tensor:
         summary = hidden
     uncertainty_memory = state.memory if state is not None else None
     query = memory.query(summary, uncertainty_memory)
-    call.query = query
+    call.summary = summary
     if not call.training:
-        call.novelty = memory.bank.novelty(query)
+        call.novelty = memory.bank.novelty(summary)
     read, _ = memory.retrieve(query, state.total if state is not None else None)
     fused = memory.fuse(hidden, read, uncertainty_memory)
     if fused.dim() == 2:
@@ -284,8 +284,7 @@ def queue_memory_write(call: CallState) -> None:
     if call.fused_summary is None or call.modules.memory is None:
         return
     uncertainty_memory = call.uncertainty.memory if call.uncertainty is not None else None
-    call.modules.memory.queue_write(call.fused_summary, uncertainty_memory, weights=call.mask.any(1),
-                                    queries=call.query)
+    call.modules.memory.queue_write(call.fused_summary, uncertainty_memory, weights=call.mask.any(1))
 
 
 class TrainingLog:

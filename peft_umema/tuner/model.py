@@ -64,6 +64,7 @@ class UMEMAModules(nn.Module):
                 gate_bias_init=config.gate_bias_init,
                 token_level=token_level,
                 top_k=config.retrieval_top_k,
+                reference_size=config.novelty_references,
             )
             if config.use_ema
             else None
@@ -254,36 +255,51 @@ class UMEMAModel(LoraModel):
             )
 
     @torch.no_grad()
-    def refresh_query_statistics(self, batches, adapter_name: Optional[str] = None) -> int:
-        """Recompute the bank's query statistics (the reference of `novelty`, hence of the memory part of `epistemic`)
-        from the current model in eval mode over `batches` (the training data; dicts of model inputs, `labels`
-        ignored). Those gathered during training mix every state the query projection passed through, and dropout:
-        on MiniLM trained 3 epochs on SemEval they ranked 20 Newsgroups snippets as *more* familiar than SemEval
-        test sentences, refreshed ones as less (docs/method.md, section 1). `MemoryUpdateCallback` calls it at the end of
-        training; under torch.distributed every rank must call it (the sums are all-reduced). Returns the number of
-        queries counted."""
+    def refresh_novelty_references(self, batches, adapter_name: Optional[str] = None, seed: int = 0) -> int:
+        """Set the bank's novelty references (the reference of `novelty`, hence of the memory part of `epistemic`)
+        to the context summaries that the current model, in eval mode, gives a uniform random sample of `batches`
+        (the training data; dicts of model inputs, `labels` ignored). Summaries taken during training mix every
+        state the model passed through, and dropout: on MiniLM trained 3 epochs on SemEval, statistics gathered that
+        way ranked 20 Newsgroups snippets as *more* familiar than SemEval sentences (docs/method.md, section 2).
+        `MemoryUpdateCallback` calls it at the end of training; under torch.distributed every rank must call it (the
+        samples of the ranks are merged, so every rank ends with the same references). Returns how many examples
+        were seen."""
         name = adapter_name or self._single_active_adapter()
         memory = self._adapter_modules(name).memory
-        if memory is None:
+        if memory is None or memory.bank.reference_size == 0:
             return 0
-        device = memory.bank.query_sum.device
-        sums = torch.zeros(2 * memory.bank.dim + 1, dtype=torch.float64, device=device)
+        bank = memory.bank
+        device = bank.references.device
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        generator = torch.Generator().manual_seed(seed + (dist.get_rank() if distributed else 0))
+        # a uniform sample without replacement: keep the rows with the smallest random priorities
+        kept = torch.empty(0, bank.dim, device=device)
+        priorities = torch.empty(0, device=device)
+        seen = 0
         was_training = self.training
         self.eval()
         try:
             with self.recording_calls() as calls:
                 for batch in batches:
                     calls.clear()
-                    self(**{key: value.to(device) for key, value in batch.items() if key != "labels"})
-                    query = calls[-1].query.double()
-                    sums += torch.cat([query.sum(0), (query**2).sum(0), query.new_full((1,), query.shape[0])])
+                    inputs = {key: value.to(device) for key, value in batch.items() if key != "labels"}
+                    self(**inputs)
+                    summary = calls[-1].summary.float()
+                    rows = inputs["attention_mask"].any(1) if "attention_mask" in inputs else None
+                    if rows is not None:
+                        summary = summary[rows]
+                    seen += summary.shape[0]
+                    kept = torch.cat([kept, summary])
+                    priorities = torch.cat([priorities, torch.rand(summary.shape[0], generator=generator).to(device)])
+                    if kept.shape[0] > bank.reference_size:
+                        order = priorities.argsort()[: bank.reference_size]
+                        kept, priorities = kept[order], priorities[order]
         finally:
             self.train(was_training)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(sums)
-        dim = memory.bank.dim
-        memory.bank.set_query_statistics(sums[:dim], sums[dim:2 * dim], sums[-1])
-        return int(sums[-1])
+        if distributed:
+            kept, priorities, seen = _merge_samples(kept, priorities, seen, bank.reference_size)
+        bank.set_references(kept[priorities.argsort()])
+        return seen
 
     def reset_memory(self, adapter_name: Optional[str] = None) -> None:
         """A fresh Xavier-initialised bank (the paper re-initialises memory when a new task starts)."""
@@ -358,3 +374,21 @@ class UMEMAModel(LoraModel):
         lora_config.save_pretrained(output_dir)
         save_file(state, os.path.join(output_dir, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
         return output_dir
+
+
+def _merge_samples(kept: torch.Tensor, priorities: torch.Tensor, seen: int, size: int):
+    """The `size` rows of smallest priority over all ranks (each rank passes its own sample), and the examples seen."""
+    world = dist.get_world_size()
+    padded = torch.zeros(size, kept.shape[1], device=kept.device)
+    padded[: kept.shape[0]] = kept
+    keys = torch.full((size,), float("inf"), device=kept.device)
+    keys[: kept.shape[0]] = priorities
+    rows = [torch.empty_like(padded) for _ in range(world)]
+    all_keys = [torch.empty_like(keys) for _ in range(world)]
+    dist.all_gather(rows, padded)
+    dist.all_gather(all_keys, keys)
+    counts = torch.tensor([seen], device=kept.device)
+    dist.all_reduce(counts)
+    rows, all_keys = torch.cat(rows), torch.cat(all_keys)
+    order = all_keys.argsort()[: min(size, int(torch.isfinite(all_keys).sum()))]
+    return rows[order], all_keys[order], int(counts)
