@@ -129,6 +129,12 @@ def main(output_dir: str, mode: str, checkpoint: str = None) -> None:
     tensors = {f"step{k}.{name}": t for k, step in recorder.steps.items() for name, t in step.items()}
     tensors.update({f"param.{name}": t for name, t in gathered_trainable(trainer).items()})
     tensors["first_batch"] = trainer.first_batch
+    # the novelty references set when training ended: the ranks' samples merged (row order aside)
+    bank = find_umema_tuner(trainer.model).umema_modules["default"].memory.bank
+    references = bank.references[: int(bank.reference_count)]
+    tensors["final.references"] = references[references[:, 0].argsort()].contiguous()
+    tensors["final.reference_count"] = bank.reference_count.clone()
+    tensors["dataset_size"] = torch.tensor(len(training_rows()))
     tensors["sharded_fraction"] = torch.tensor(1 - local_numel(trainer.model_wrapped) / full_numel)
     if mode == "straight" and float(tensors["sharded_fraction"]) == 0:  # full parameters: a plain forward works
         save_with_pending_write_on_rank0(trainer, output_dir)

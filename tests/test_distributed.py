@@ -83,6 +83,8 @@ def ddp_reference(tmp_path_factory) -> dict:
         if name != "first_batch":
             assert torch.equal(rank0[name], rank1[name]), name
     assert float(rank0["sharded_fraction"]) == 0
+    # every rank saw half the data when training ended; both hold all of it as novelty references
+    assert int(rank0["final.reference_count"]) == int(rank0["dataset_size"])
     # rank 0 saved alone while a write was pending: the file holds the bank as committed at the last step
     pending = saved_bank(output_dir / "pending-save")
     for name in BANK_BUFFERS:
