@@ -291,14 +291,12 @@ class UMEMAModel(LoraModel):
                     seen += summary.shape[0]
                     kept = torch.cat([kept, summary])
                     priorities = torch.cat([priorities, torch.rand(summary.shape[0], generator=generator).to(device)])
-                    if kept.shape[0] > bank.reference_size:
-                        order = priorities.argsort()[: bank.reference_size]
-                        kept, priorities = kept[order], priorities[order]
+                    kept, priorities = _smallest_priorities(kept, priorities, bank.reference_size)
         finally:
             self.train(was_training)
         if distributed:
             kept, priorities, seen = _merge_samples(kept, priorities, seen, bank.reference_size)
-        bank.set_references(kept[priorities.argsort()])
+        bank.set_references(kept)
         return seen
 
     def reset_memory(self, adapter_name: Optional[str] = None) -> None:
@@ -390,5 +388,13 @@ def _merge_samples(kept: torch.Tensor, priorities: torch.Tensor, seen: int, size
     counts = torch.tensor([seen], device=kept.device)
     dist.all_reduce(counts)
     rows, all_keys = torch.cat(rows), torch.cat(all_keys)
-    order = all_keys.argsort()[: min(size, int(torch.isfinite(all_keys).sum()))]
-    return rows[order], all_keys[order], int(counts)
+    finite = torch.isfinite(all_keys)  # padding rows carry an infinite priority
+    return (*_smallest_priorities(rows[finite], all_keys[finite], size), int(counts))
+
+
+def _smallest_priorities(rows: torch.Tensor, priorities: torch.Tensor, size: int):
+    """The (at most) `size` rows of smallest random priority: a uniform sample without replacement."""
+    if rows.shape[0] <= size:
+        return rows, priorities
+    order = priorities.topk(size, largest=False).indices
+    return rows[order], priorities[order]
