@@ -1,5 +1,7 @@
 """Where UMEMA's calibration and accuracy come from: UMEMA with the temperature fitted on dev (default) or trained
-jointly (the paper read literally), UM only, EMA only and plain LoRA (+ temperature scaling), on one data set.
+jointly (the paper read literally), UM only, EMA only, plain LoRA (+ temperature scaling) and LoRA trained with a
+fixed temperature equal to UM's floor (`min_temperature`: does a collapsed T earn accuracy only by scaling the
+logits?), on one data set.
 
     python benchmarks/calibration_diagnosis.py --data bbc_news_demo --shots 400 --seeds 0 --output-dir diagnosis
 
@@ -13,7 +15,26 @@ import argparse
 import json
 from pathlib import Path
 
+from peft_umema import UMEMAConfig
+from peft_umema.baselines.prediction import classification_head
 from peft_umema.experiments import runs
+from peft_umema.experiments.methods import LoRAMethod, RunSetup, register_method
+
+
+class FixedTemperatureLoRA(LoRAMethod):
+    """Plain LoRA whose head output is divided by a fixed temperature, in training and prediction alike."""
+
+    name = "lora, fixed T"
+    description = "LoRA with logits / T for a fixed T (UM's floor)"
+    temperature = UMEMAConfig.min_temperature
+
+    def peft_config(self, setup: RunSetup, model):
+        # on the backbone's head before peft wraps it: the trained copy peft makes of it keeps the hook
+        classification_head(model).register_forward_hook(lambda _module, _inputs, logits: logits / self.temperature)
+        return super().peft_config(setup, model)
+
+
+register_method(FixedTemperatureLoRA())
 
 VARIANTS = {
     "umema": {"method": "umema"},
@@ -22,6 +43,7 @@ VARIANTS = {
     "EMA only": {"method": "umema", "use_um": False},
     "lora": {"method": "lora"},
     "lora+ts": {"method": "lora+ts"},
+    "lora, fixed T": {"method": FixedTemperatureLoRA.name},
 }
 TEST_KEYS = ("accuracy", "macro_f1", "f1", "ece", "nll", "brier", "auroc_error")
 
