@@ -14,6 +14,7 @@ import pytest
 from test_cli import PNG_SIGNATURE, save_relation_slice, save_tiny_backbone
 from test_methods import save_wnut17_slice
 
+from peft_umema import UMEMAConfig
 from peft_umema.cli import main
 from peft_umema.experiments import reproduce as rp
 from peft_umema.experiments import runs
@@ -209,9 +210,19 @@ def test_report_rebuilds_tables_and_figures_from_the_folders_alone(grid_run, tmp
     for title in ("## Learning rate chosen on dev", "## Ablation (`ablation`)", "## Calibration"):
         assert title in markdown
     assert "Accuracy / ECE" in markdown and "Span F1 / ECE" in markdown
-    ablation_table = markdown.split("## Ablation")[1].split("## Calibration")[0]
-    rows = [line for line in ablation_table.splitlines() if line.startswith(("| LoRA", "| UMEMA"))]
+    ablation = markdown.split("## Ablation")[1].split("## Calibration")[0]
+    score_table, *per_data = ablation.split("test (mean ± std over seeds)")
+    rows = [line for line in score_table.splitlines() if line.startswith(("| LoRA", "| UMEMA"))]
     assert len(rows) == 2 and all(line.count(" ± ") == 4 for line in rows)
+    assert len(per_data) == 2  # one block per data set: test calibration, then training per epoch
+    for block in per_data:
+        test_table, epochs_table = block.split("Training per epoch, seed 0")
+        assert "NLL ↓" in test_table and "Error AUROC ↑" in test_table
+        epoch_rows = [line.split(" | ") for line in epochs_table.splitlines() if line.startswith(("| LoRA", "| UMEMA"))]
+        assert {row[0] for row in epoch_rows} == {"| LoRA", "| UMEMA"}
+        for row in epoch_rows:  # UM's training temperature exists for UMEMA only, and never sits at its floor
+            assert (row[2] == "–") == (row[0] == "| LoRA")
+            assert row[0] == "| LoRA" or float(row[2]) > UMEMAConfig.min_temperature
     assert "peft-umema reproduce --study ablation calibration" in markdown  # the exact command
     assert "wall" in markdown
 

@@ -1073,6 +1073,50 @@ def _score_section(view: StudyView, output_dir: Path, figures_dir: Path):
     return "\n\n".join(parts) if parts else "No cells planned.", summary, []
 
 
+ABLATION_TEST_METRICS = ("ece", "nll", "auroc_error", "entity_ece")
+
+
+def _ablation_section(view: StudyView, output_dir: Path, figures_dir: Path):
+    """The score table, then per data set every variant's test calibration (NLL, error AUROC, entity-token ECE for
+    token tasks) and, for the lowest seed, its training per epoch: UM's mean temperature and confidence in training,
+    dev score, ECE and NLL (what tells a gain of the memory from one of the temperature)."""
+    markdown, summary, figures = _score_section(view, output_dir, figures_dir)
+    parts = [markdown]
+    for (backbone, shots, data), group in sorted(view.groups("backbone", "shots", "data").items(),
+                                                 key=lambda item: (item[0][0], -item[0][1], item[0][2])):
+        task_type = _task_type_of(group)
+        metric, label = task_metric(task_type)
+        names = [name for name in ABLATION_TEST_METRICS if any(name in record["test"] for _, record in group)]
+        rows, epochs = [], []
+        first_seed = min(cell.seed for cell, _ in group)
+        for variant in _variant_order(cell.variant for cell, _ in group):
+            mine = [record for cell, record in group if cell.variant == variant]
+            rows.append([variant_label(variant)] + [_cell_text(_stats([r["test"].get(name) for r in mine]))
+                                                    for name in (metric, *names)])
+            first = next(record for cell, record in group if cell.variant == variant and cell.seed == first_seed)
+            training = {round(e["epoch"]): e for e in first["log_history"] if "loss" in e and "epoch" in e}
+            for entry in (e for e in first["log_history"] if "eval_ece" in e):
+                logs = training.get(round(entry["epoch"]), {})
+                epochs.append([variant_label(variant), f"{entry['epoch']:.0f}"]
+                              + [_number_text(logs.get(name)) for name in ("mean_temperature", "mean_confidence")]
+                              + [_number_text(entry.get(f"eval_{name}")) for name in (metric, "ece", "nll")])
+        header = ["Method", f"{label} ↑"] + [_METRIC_LABELS[name] for name in names]
+        parts.append(f"**{backbone}, {_short_data(data)}, {shots} shots**: test (mean ± std over seeds)\n\n"
+                     + _table(header, rows))
+        parts.append(f"Training per epoch, seed {first_seed} (mean T and confidence: UM's, over the epoch's "
+                     f"training batches; dev: the softmax before any dev fit)\n\n"
+                     + _table(["Method", "Epoch", "mean T (train)", "mean confidence (train)", f"dev {label}",
+                               "dev ECE", "dev NLL"], epochs))
+    return "\n\n".join(parts), summary, figures
+
+
+_METRIC_LABELS = {"ece": "ECE ↓", "nll": "NLL ↓", "auroc_error": "Error AUROC ↑", "entity_ece": "Entity-token ECE ↓"}
+
+
+def _number_text(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def _tune_section(view: StudyView, output_dir: Path, figures_dir: Path):
     finished = [record for _, record in view.finished()]
     selection = select_learning_rates(finished)
@@ -1255,7 +1299,7 @@ def _unique(values: Iterable) -> list:
 _SECTION_BUILDERS = {
     TUNE: _tune_section,
     "main": _score_section,
-    "ablation": _score_section,
+    "ablation": _ablation_section,
     "lr": lambda view, out, figs: _curve_section(view, out, figs, "learning_rate"),
     "missing": lambda view, out, figs: _curve_section(view, out, figs, "missing_rate"),
     "calibration": _calibration_section,
