@@ -39,6 +39,8 @@ register_method(FixedTemperatureLoRA())
 VARIANTS = {
     "umema": {"method": "umema"},
     "umema, joint T": {"method": "umema", "temperature_training": "joint"},
+    "umema, logit scale 2": {"method": "umema", "logit_scale": 2.0},
+    "UM only, logit scale 2": {"method": "umema", "use_ema": False, "logit_scale": 2.0},
     "UM only": {"method": "umema", "use_ema": False},
     "EMA only": {"method": "umema", "use_um": False},
     "lora": {"method": "lora"},
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=400)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=float, default=3)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--output-dir", default="calibration-diagnosis")
     args = parser.parse_args()
@@ -65,6 +68,7 @@ def main() -> None:
             if not (folder / runs.METRICS_NAME).is_file():
                 options = dict(VARIANTS[name])
                 runs.train(args.model, args.data, folder, shots=args.shots, seed=seed, epochs=args.epochs,
+                           learning_rate=args.learning_rate,
                            method=options.pop("method"), **options)
             metrics = json.loads((folder / runs.METRICS_NAME).read_text())
             print(f"\n## {name}, seed {seed}")

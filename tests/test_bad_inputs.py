@@ -106,6 +106,9 @@ CONFIG_CASES = [
     ({"confidence_loss_weight": -1.0}, ValueError, "confidence_loss_weight=-1.0"),
     ({"confidence_loss_weight": float("nan")}, ValueError, "confidence_loss_weight=nan"),
     ({"gate_bias_init": float("nan")}, ValueError, "gate_bias_init=nan"),
+    ({"logit_scale": 0.0}, ValueError, "logit_scale=0.0"),
+    ({"logit_scale": float("inf")}, ValueError, "logit_scale=inf"),
+    ({"logit_scale": True}, ValueError, "logit_scale=True"),
     ({"context_pooling": "max"}, ValueError, "context_pooling='max'"),
     ({"use_dora": True}, ValueError, "use_dora=True"),
 ]

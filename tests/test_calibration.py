@@ -118,6 +118,18 @@ def test_training_moves_the_temperature_only_when_joint(mode):
     assert moved == (mode == "joint")
 
 
+@pytest.mark.parametrize("family,task", [("gpt2", "SEQ_CLS"), ("bert", "TOKEN_CLS")])
+def test_logit_scale_multiplies_the_logits_before_the_temperature(family, task):
+    outputs = {}
+    for scale in (1.0, 2.0):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_model(family, task), UMEMAConfig(task_type=task, r=4, memory_size=8,
+                                                                    logit_scale=scale)).eval()
+        outputs[scale] = model(**tiny_batch(task=task, seed=0))
+    assert torch.equal(outputs[1.0].temperature, outputs[2.0].temperature)
+    assert torch.allclose(outputs[2.0].logits, 2 * outputs[1.0].logits, atol=1e-5)
+
+
 def test_a_fitted_calibration_survives_save_and_load(tmp_path):
     from peft import PeftModel
 

@@ -84,6 +84,8 @@ class TrainOptions:
     load_in_8bit: bool = False
     # UMEMA only: "detached" (T fitted on dev after training) or "joint" (T trained with the rest, the paper's reading)
     temperature_training: str = "detached"
+    # UMEMA only: UM's fixed logit scale s (UMEMAConfig.logit_scale)
+    logit_scale: float = UMEMAConfig.logit_scale
 
     def __post_init__(self):
         positive_ints = {"rank": self.rank, "batch_size": self.batch_size, "max_length": self.max_length,
@@ -287,7 +289,8 @@ class UMEMAMethod(LoRAMethod):
         options = setup.options
         return UMEMAConfig(
             task_type=setup.task_type, use_um=options.use_um, use_ema=options.use_ema,
-            temperature_training=options.temperature_training, **lora_options(options, model)
+            temperature_training=options.temperature_training, logit_scale=options.logit_scale,
+            **lora_options(options, model)
         )
 
     def fit(self, setup: RunSetup) -> Fitted:

@@ -82,6 +82,15 @@ class UMEMAConfig(LoraConfig):
             "to T_min). 'joint' (the paper read literally): T is trained with the rest."
         },
     )
+    logit_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "s: UM multiplies the head's logits by s before dividing by T, in training and prediction (ours). "
+            "Trained jointly, T sinks to T_min = 0.5 and so doubles the logits, which makes an under-trained head learn "
+            "faster; s makes that scale explicit and fixed while T stays a calibrator, fitted on held-out data. "
+            "1 = no scale."
+        },
+    )
     epistemic_from_memory: bool = field(
         default=True,
         metadata={
@@ -202,6 +211,10 @@ class UMEMAConfig(LoraConfig):
             raise ValueError(
                 f"UMEMAConfig(min_temperature={self.min_temperature!r}): must be in (0, 1) so that T can start at 1."
             )
+        if isinstance(self.logit_scale, bool) or not isinstance(self.logit_scale, (int, float)) \
+                or not 0.1 <= self.logit_scale <= 10:
+            raise ValueError(f"UMEMAConfig(logit_scale={self.logit_scale!r}): must be a number in [0.1, 10] (1 = no "
+                             "scale).")
         if not 1e-3 <= self.retrieval_temperature <= 1e3:
             raise ValueError(
                 f"UMEMAConfig(retrieval_temperature={self.retrieval_temperature!r}): must be in [1e-3, 1e3]; "

@@ -102,6 +102,8 @@ def _augment_head_input(call: CallState, module, args):
 def _calibrate_head_output(call: CallState, module, args, output):
     if call.um_temperature is None:
         return None
+    if call.config.logit_scale != 1:
+        output = output * call.config.logit_scale
     decoder_sequence = output.dim() == 3 and not call.token_level  # logits at every position, pooled later
     call.raw_logits = output[torch.arange(output.shape[0], device=output.device), _pool_index(call)] \
         if decoder_sequence else output
