@@ -57,6 +57,38 @@ def test_confidence_refit_ranks_errors_at_least_as_well_as_softmax_response():
     assert error_detection_auroc(confidence.numpy(), correct) >= softmax_auroc - 0.05
 
 
+@pytest.mark.parametrize("task", ["SEQ_CLS", "TOKEN_CLS"])
+def test_the_dev_fit_uses_the_novelty_when_errors_sit_on_unfamiliar_inputs(task):
+    """Dev data whose wrong predictions are exactly the inputs that are not among the novelty references: the raw
+    softmax cannot tell them apart (same kind of input), the memory's novelty can, and the fit must carry it into the
+    reported confidence, through the temperature (T grows with novelty) or the confidence stack."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("bert", task), UMEMAConfig(task_type=task, r=4, memory_size=8)).eval()
+    familiar = [tiny_batch(task=task, seed=s, batch_size=8) for s in range(4)]
+    unfamiliar = [tiny_batch(task=task, seed=s, batch_size=8) for s in range(10, 14)]  # same kind, not referenced
+    model.base_model.refresh_novelty_references([{k: v for k, v in b.items() if k != "labels"} for b in familiar])
+    dev = familiar + unfamiliar
+
+    def scored():
+        with torch.no_grad():
+            outputs = [model(**{k: v for k, v in b.items() if k != "labels"}) for b in dev]
+        valid = torch.cat([(b["labels"] != -100).flatten() for b in dev])
+        softmax = torch.cat([torch.softmax(o.logits, -1).amax(-1).flatten() for o in outputs])[valid]
+        confidence = torch.cat([o.confidence.flatten() for o in outputs])[valid]
+        return outputs, valid, softmax, confidence
+
+    outputs, valid, raw_softmax, _ = scored()
+    for batch, output, shift in zip(dev, outputs, [0] * len(familiar) + [1] * len(unfamiliar)):
+        # right on the referenced inputs, wrong on the others
+        batch["labels"] = torch.where(batch["labels"] == -100, -100, (output.logits.argmax(-1) + shift) % 3)
+    correct = torch.cat([(o.logits.argmax(-1) == b["labels"]).flatten() for o, b in zip(outputs, dev)])[valid]
+    assert error_detection_auroc(raw_softmax.numpy(), correct.numpy()) < 0.8
+    result = calibrate_uncertainty(model, dev)
+    assert result["temperature_fit"] == "parameterised" or result["confidence_weights"]["novelty"] < 0
+    _, _, _, confidence = scored()
+    assert error_detection_auroc(confidence.numpy(), correct.numpy()) > 0.95
+
+
 def _dev_nll(model, dev):
     model.eval()
     with torch.no_grad():
@@ -184,3 +216,38 @@ def test_the_parameterised_temperature_is_kept_only_when_clearly_better(temperat
     report = calibration._fit_temperature(SimpleNamespace(calibrator=TemperatureCalibrator(memory_dim).double()), data)
     assert report["temperature_fit"] == ("parameterised" if temperature_from_feature else "constant")
     assert report["dev_nll_after"] <= report["dev_nll_constant"] + 1e-9
+
+
+@pytest.mark.parametrize("novelty_informs", [False, True])
+def test_the_confidence_stack_takes_the_novelty_only_when_it_tells_errors(novelty_informs):
+    """Rows with one temperature (T = 1 fitted) whose errors either follow the novelty feature or do not: the
+    confidence fit weighs the novelty (negatively: unusual inputs are wrong more often) only in the first case, and
+    its reported confidence then ranks the errors better than the softmax."""
+    from types import SimpleNamespace
+
+    from peft_umema.evaluation.metrics import error_detection_auroc
+    from peft_umema.uncertainty import calibration
+    from peft_umema.uncertainty.calibrator import UNCERTAINTY_FEATURES
+
+    data, memory_dim = _collected(800, temperature_from_feature=False)
+    generator = torch.Generator().manual_seed(1)
+    novelty = torch.rand(len(data["labels"]), generator=generator, dtype=torch.float64)
+    data["features"][:, memory_dim + UNCERTAINTY_FEATURES.index("novelty")] = novelty
+    predicted = data["raw_logits"].argmax(-1)
+    wrong = torch.rand(len(novelty), generator=generator, dtype=torch.float64) < (novelty if novelty_informs else 0.5)
+    data["labels"] = torch.where(wrong, (predicted + 1) % 5, predicted)
+    data["um_confidence"] = torch.full_like(novelty, 0.5)
+    data["temperature"] = torch.ones_like(novelty)
+    estimator = SimpleNamespace(calibrator=SimpleNamespace(memory_dim=memory_dim),
+                                confidence_map=torch.tensor([1.0, 0.0, 0.0]),
+                                confidence_novelty_weight=torch.zeros(1))
+    report = calibration._fit_confidence(estimator, data)
+    if novelty_informs:
+        assert report["confidence_fit"] == "stacked" and report["confidence_weights"]["novelty"] < -1
+        probs = torch.softmax(data["raw_logits"], -1).amax(-1)
+        stacked = torch.sigmoid(estimator.confidence_map[1] * torch.logit(probs) + estimator.confidence_map[2]
+                                + estimator.confidence_novelty_weight * novelty)
+        correct = (~wrong).numpy()
+        assert error_detection_auroc(stacked.numpy(), correct) > error_detection_auroc(probs.numpy(), correct) + 0.1
+    else:
+        assert abs(report["confidence_weights"]["novelty"]) < 1

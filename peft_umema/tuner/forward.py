@@ -236,7 +236,7 @@ def finish_outputs(call: CallState, output):
         values = (state.token_confidence, state.token_aleatoric, state.token_epistemic, call.temperature)
     else:
         values = (state.sequence_confidence, state.aleatoric, state.epistemic, call.temperature)
-    confidence = call.modules.uncertainty.reported_confidence(values[0], logits.detach())
+    confidence = call.modules.uncertainty.reported_confidence(values[0], logits.detach(), call.novelty)
     epistemic = values[2]
     if call.novelty is not None and call.config.epistemic_from_memory:
         epistemic = epistemic + (call.novelty.unsqueeze(-1) if epistemic.dim() == 2 else call.novelty)

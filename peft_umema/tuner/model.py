@@ -359,7 +359,8 @@ class UMEMAModel(LoraModel):
 
     def export_lora(self, output_dir: str, adapter_name: Optional[str] = None) -> str:
         """Save the LoRA part (and the classification head) as a plain peft LoRA adapter that loads without
-        `peft_umema`. UM, EMA and the memory are not included, so its logits are the uncalibrated LoRA logits."""
+        `peft_umema`. UM, EMA and the memory are not included, so its logits are the uncalibrated LoRA logits
+        (without UM's `logit_scale`: same predictions, flatter probabilities)."""
         from peft.utils import get_peft_model_state_dict
 
         name = adapter_name or self._single_active_adapter()

@@ -241,25 +241,32 @@ def _auroc(confidence: torch.Tensor, correct: torch.Tensor) -> float:
 
 
 def _fit_confidence(estimator, data: dict) -> dict:
+    """Choose the reported confidence among UM's own, the calibrated softmax response and a stack of both with the
+    memory's novelty (how unlike the training references the input is: wrong predictions are more often on unusual
+    inputs), by held-out cross-entropy among the forms that detect errors at least as well as the softmax."""
     probs = torch.softmax(data["raw_logits"] / data["temperature"].unsqueeze(-1), -1)
     correct = (probs.argmax(-1) == data["labels"]).double()
-    inputs = torch.stack([torch.logit(data["um_confidence"], eps=_EPS), torch.logit(probs.amax(-1), eps=_EPS)], -1)
-    candidates = {"um": torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64),
-                  "softmax": torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)}
+    novelty = data["features"][:, estimator.calibrator.memory_dim + UNCERTAINTY_FEATURES.index("novelty")]
+    # weights: (m0 on logit c_UM, m1 on logit max prob, bias m2, m_n on novelty)
+    inputs = torch.stack([torch.logit(data["um_confidence"], eps=_EPS), torch.logit(probs.amax(-1), eps=_EPS),
+                          torch.ones_like(novelty), novelty], -1)
+    candidates = {"um": torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64),
+                  "softmax": torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64)}
 
     def confidence(weights, index):
-        return torch.sigmoid(inputs[index] @ weights[:2] + weights[2])
+        return torch.sigmoid(inputs[index] @ weights)
 
     def bce(weights, index):
         return float(F.binary_cross_entropy(confidence(weights, index).clamp(_EPS, 1 - _EPS), correct[index]))
 
     def stacked(index):
         start = min(candidates.values(), key=lambda weights: bce(weights, index)).clone().requires_grad_(True)
-        _lbfgs([start], lambda: F.binary_cross_entropy_with_logits(inputs[index] @ start[:2] + start[2],
-                                                                    correct[index]))
+        _lbfgs([start], lambda: F.binary_cross_entropy_with_logits(inputs[index] @ start, correct[index]))
         return start.detach()
 
-    report = {"dev_confidence_bce_before": bce(estimator.confidence_map.detach().double(), slice(None))}
+    current = torch.cat([estimator.confidence_map.detach().double(),
+                         estimator.confidence_novelty_weight.detach().double()])
+    report = {"dev_confidence_bce_before": bce(current, slice(None))}
     if not 0 < float(correct.mean()) < 1:  # needs both right and wrong predictions to learn from
         report.update(dev_confidence_bce_after=report["dev_confidence_bce_before"], confidence_fit="unchanged")
         return report
@@ -279,7 +286,10 @@ def _fit_confidence(estimator, data: dict) -> dict:
         eligible = [name for name, (_, auroc_value) in held_out.items() if auroc_value >= floor - 1e-9]
         chosen = min(eligible, key=lambda name: held_out[name][0])
     weights = fits[chosen](torch.arange(len(correct)))
-    estimator.confidence_map.copy_(weights.to(estimator.confidence_map))
+    estimator.confidence_map.copy_(weights[:3].to(estimator.confidence_map))
+    estimator.confidence_novelty_weight.copy_(weights[3:].to(estimator.confidence_novelty_weight))
+    report["confidence_weights"] = {"um": float(weights[0]), "softmax": float(weights[1]), "bias": float(weights[2]),
+                                    "novelty": float(weights[3])}
     report["dev_confidence_bce_after"] = bce(weights, slice(None))
     report["confidence_fit"] = chosen
     return report

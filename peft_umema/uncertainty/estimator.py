@@ -104,9 +104,10 @@ class UncertaintyEstimator(nn.Module):
         # calibration: T = T_min + softplus(w . features + b + gamma * v), gamma >= 0 keeps T increasing in v
         self.temperature_proj = nn.Linear(memory_dim + (2 if token_level else 0), 1)
         self.uncertainty_gain = nn.Parameter(torch.zeros(1))  # 1-d: DeepSpeed cannot broadcast 0-d parameters
-        # reported confidence = sigmoid(m0 logit(c_UM) + m1 logit(max calibrated prob) + m2): identity until a
-        # dev refit (calibration.py) sets it; a buffer, since training data has too few errors to learn it from
+        # reported confidence = sigmoid(m0 logit(c_UM) + m1 logit(max calibrated prob) + m2 + m_n novelty): UM's own
+        # until a dev refit (calibration.py) sets it; buffers, since training data has too few errors to learn from
         self.register_buffer("confidence_map", torch.tensor([1.0, 0.0, 0.0]))
+        self.register_buffer("confidence_novelty_weight", torch.zeros(1))
         # the temperature reported after a held-out fit (calibrator.py); the identity until then
         self.calibrator = TemperatureCalibrator(memory_dim)
         self.reset_calibration()
@@ -220,14 +221,20 @@ class UncertaintyEstimator(nn.Module):
         return self.min_temperature + F.softplus(logit)
 
 
-    def reported_confidence(self, um_confidence: torch.Tensor, calibrated_logits: torch.Tensor) -> torch.Tensor:
-        """UM's confidence stacked with the calibrated maximum probability through `confidence_map`."""
+    def reported_confidence(
+        self, um_confidence: torch.Tensor, calibrated_logits: torch.Tensor, novelty: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """UM's confidence stacked with the calibrated maximum probability and the memory's novelty (per example,
+        broadcast to its tokens; absent in training) through `confidence_map` and `confidence_novelty_weight`."""
         max_prob = torch.softmax(calibrated_logits.float(), -1).amax(-1)
         stacked = (
             self.confidence_map[0] * torch.logit(um_confidence.float(), eps=_EPS)
             + self.confidence_map[1] * torch.logit(max_prob, eps=_EPS)
             + self.confidence_map[2]
         )
+        if novelty is not None:
+            novelty = novelty.float().reshape(novelty.shape + (1,) * (stacked.dim() - novelty.dim()))
+            stacked = stacked + self.confidence_novelty_weight * novelty
         return torch.sigmoid(stacked)
 
 
