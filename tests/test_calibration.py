@@ -251,3 +251,27 @@ def test_the_confidence_stack_takes_the_novelty_only_when_it_tells_errors(novelt
         assert error_detection_auroc(stacked.numpy(), correct) > error_detection_auroc(probs.numpy(), correct) + 0.1
     else:
         assert abs(report["confidence_weights"]["novelty"]) < 1
+
+
+def test_an_adapter_saved_before_the_logit_scale_and_novelty_weight_loads_as_it_was_trained(tmp_path):
+    import json
+
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("bert"), UMEMAConfig(task_type="SEQ_CLS", r=4, memory_size=8, logit_scale=1.0))
+    model.eval()
+    batch = {k: v for k, v in tiny_batch().items() if k != "labels"}
+    expected = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    config_path, weights_path = tmp_path / "adapter_config.json", tmp_path / "adapter_model.safetensors"
+    config = json.loads(config_path.read_text())
+    del config["logit_scale"]  # as written before the field existed
+    config_path.write_text(json.dumps(config))
+    weights = {k: v for k, v in load_file(weights_path).items() if "confidence_novelty_weight" not in k}
+    save_file(weights, weights_path, metadata={"format": "pt"})
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(tiny_model("bert"), tmp_path).eval()
+    assert loaded.peft_config["default"].logit_scale == 1.0
+    torch.testing.assert_close(loaded(**batch).logits, expected)

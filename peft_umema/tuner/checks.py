@@ -41,6 +41,10 @@ def check_finite_state(state_dict: dict[str, torch.Tensor], action: str) -> None
             )
 
 
+# buffers that adapters saved before they existed lack; their initial value is those adapters' behaviour
+BUFFERS_ADDED_LATER = ("confidence_novelty_weight",)
+
+
 def check_loaded_state(model: nn.Module, config, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
     """Check a UMEMA adapter's tensors against the model and its config before peft copies them in."""
     marker = f"{MODULES_ATTR}.{adapter_name}."
@@ -48,7 +52,7 @@ def check_loaded_state(model: nn.Module, config, adapter_name: str, state_dict: 
     check_finite_state(state_dict, "load")
     _check_bank_buffers(config, state_dict, marker)
     model_state = model.state_dict()
-    missing = [k for k in model_state if marker in k and k not in state_dict]
+    missing = [k for k in model_state if marker in k and k not in state_dict and not k.endswith(BUFFERS_ADDED_LATER)]
     if missing:
         raise ValueError(
             f"The adapter file for {adapter_name!r} lacks {len(missing)} UMEMA tensors (e.g. "

@@ -37,6 +37,10 @@ UNSUPPORTED_LORA_OPTIONS = {
 }
 
 
+# fields added after adapters were first saved, and the behaviour of an adapter saved without them
+FIELDS_ADDED_LATER = {"logit_scale": 1.0}
+
+
 @dataclass
 class UMEMAConfig(LoraConfig):
     """
@@ -152,6 +156,14 @@ class UMEMAConfig(LoraConfig):
         default=None,
         metadata={"help": "model_type of the backbone the adapter was created on (set automatically; checked on load)."},
     )
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs) -> dict:
+        """Saved configs from before a field existed get the value they were trained with, not today's default."""
+        loaded = super().from_json_file(path_json_file, **kwargs)
+        for name, trained_with in FIELDS_ADDED_LATER.items():
+            loaded.setdefault(name, trained_with)
+        return loaded
 
     def __post_init__(self):
         super().__post_init__()
