@@ -211,7 +211,7 @@ def test_report_rebuilds_tables_and_figures_from_the_folders_alone(grid_run, tmp
         assert title in markdown
     assert "Accuracy / ECE" in markdown and "Span F1 / ECE" in markdown
     ablation = markdown.split("## Ablation")[1].split("## Calibration")[0]
-    score_table, *per_data = ablation.split("test (mean ± std over seeds)")
+    score_table, *per_data = ablation.split("test (mean ± std over seeds; error AUROC of the method's own")
     rows = [line for line in score_table.splitlines() if line.startswith(("| LoRA", "| UMEMA"))]
     assert len(rows) == 2 and all(line.count(" ± ") == 4 for line in rows)
     assert len(per_data) == 2  # one block per data set: test calibration, then training per epoch

@@ -51,6 +51,7 @@ from .methods import (
     confidence_and_correctness,
     data_collator,
     get_method,
+    own_confidence_score,
     score_predictions,
     write_json,
 )
@@ -62,8 +63,6 @@ RESULTS_NAME = "comparison.json"
 OVERLAY_NAME = "reliability_overlay.png"
 # The dev and test subsets do not depend on the run's seed: every seed is scored on the same examples.
 SUBSET_SEED = 0
-# score_predictions names the scores of a method's own confidence (UM's, AdUE's) with this prefix.
-OWN_CONFIDENCE_PREFIX = "um_confidence_"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,10 +352,7 @@ def _column_value(record: dict, key: str) -> Optional[float]:
     """A column's value in one run; the error-detection columns use the method's own confidence where it has one."""
     if key in ("fit_seconds", "trainable_parameters"):
         return record[key]
-    test = record["test"]
-    if key in ("auroc_error", "aurc"):
-        return test.get(OWN_CONFIDENCE_PREFIX + key, test[key])
-    return test[key]
+    return own_confidence_score(record["test"], key)
 
 
 def _mean_and_std(values: list[Optional[float]]) -> dict[str, Optional[float]]:

@@ -46,6 +46,9 @@ UM_OUTPUT_FIELDS = UNCERTAINTY_OUTPUT_FIELDS[:3]  # confidence, aleatoric, epist
 # Scores of UM's own confidence, reported beside those of the calibrated softmax: UM's confidence is trained to
 # predict whether the prediction is right, so error detection is what it is for.
 UM_CONFIDENCE_METRICS = ("ece", "auroc_error", "aurc")
+# score_predictions names the scores of a method's own confidence (UM's, AdUE's) with this prefix.
+OWN_CONFIDENCE_PREFIX = "um_confidence_"
+ERROR_DETECTION_METRICS = ("auroc_error", "aurc")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -487,8 +490,16 @@ def score_predictions(predictions: Predictions, task_type: str, label_names: Seq
     scores = metrics()
     if um_confidence is not None:
         um_scores = metrics(um_confidence)
-        scores.update({f"um_confidence_{name}": um_scores[name] for name in UM_CONFIDENCE_METRICS})
+        scores.update({OWN_CONFIDENCE_PREFIX + name: um_scores[name] for name in UM_CONFIDENCE_METRICS})
     return scores
+
+
+def own_confidence_score(test: dict, key: str):
+    """A test score; the error-detection ones of the method's own confidence where it reports one (UMEMA's
+    fitted confidence, AdUE's), since detecting errors is what that confidence is for."""
+    if key in ERROR_DETECTION_METRICS:
+        return test.get(OWN_CONFIDENCE_PREFIX + key, test.get(key))
+    return test.get(key)
 
 
 def confidence_and_correctness(predictions: Predictions) -> tuple[np.ndarray, np.ndarray]:

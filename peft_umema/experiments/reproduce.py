@@ -1080,6 +1080,8 @@ def _ablation_section(view: StudyView, output_dir: Path, figures_dir: Path):
     """The score table, then per data set every variant's test calibration (NLL, error AUROC, entity-token ECE for
     token tasks) and, for the lowest seed, its training per epoch: UM's mean temperature and confidence in training,
     dev score, ECE and NLL (what tells a gain of the memory from one of the temperature)."""
+    from .methods import own_confidence_score
+
     markdown, summary, figures = _score_section(view, output_dir, figures_dir)
     parts = [markdown]
     for (backbone, shots, data), group in sorted(view.groups("backbone", "shots", "data").items(),
@@ -1091,8 +1093,8 @@ def _ablation_section(view: StudyView, output_dir: Path, figures_dir: Path):
         first_seed = min(cell.seed for cell, _ in group)
         for variant in _variant_order(cell.variant for cell, _ in group):
             mine = [record for cell, record in group if cell.variant == variant]
-            rows.append([variant_label(variant)] + [_cell_text(_stats([r["test"].get(name) for r in mine]))
-                                                    for name in (metric, *names)])
+            rows.append([variant_label(variant)] + [_cell_text(_stats([own_confidence_score(r["test"], name)
+                                                                      for r in mine])) for name in (metric, *names)])
             first = next(record for cell, record in group if cell.variant == variant and cell.seed == first_seed)
             training = {round(e["epoch"]): e for e in first["log_history"] if "loss" in e and "epoch" in e}
             for entry in (e for e in first["log_history"] if "eval_ece" in e):
@@ -1101,7 +1103,8 @@ def _ablation_section(view: StudyView, output_dir: Path, figures_dir: Path):
                               + [_number_text(logs.get(name)) for name in ("mean_temperature", "mean_confidence")]
                               + [_number_text(entry.get(f"eval_{name}")) for name in (metric, "ece", "nll")])
         header = ["Method", f"{label} ↑"] + [_METRIC_LABELS[name] for name in names]
-        parts.append(f"**{backbone}, {_short_data(data)}, {shots} shots**: test (mean ± std over seeds)\n\n"
+        parts.append(f"**{backbone}, {_short_data(data)}, {shots} shots**: test (mean ± std over seeds; error "
+                     "AUROC of the method's own confidence where it reports one)\n\n"
                      + _table(header, rows))
         parts.append(f"Training per epoch, seed {first_seed} (mean T and confidence: UM's, over the epoch's "
                      f"training batches; dev: the softmax before any dev fit)\n\n"
@@ -1202,6 +1205,7 @@ def _calibration_section(view: StudyView, output_dir: Path, figures_dir: Path):
         save_reliability_comparison,
         save_reliability_diagram,
     )
+    from .methods import own_confidence_score
 
     parts, summary, figures = [], [], []
     cells = view.cells
@@ -1214,7 +1218,7 @@ def _calibration_section(view: StudyView, output_dir: Path, figures_dir: Path):
                 mine = [cell for cell in chosen if cell.variant == variant]
                 group = [view.records[c.key] for c in mine if c.key in view.records]
                 metric, task_label = task_metric(group[0]["task_type"]) if group else ("accuracy", task_label)
-                stats = {name: _stats([r["test"].get(name) for r in group])
+                stats = {name: _stats([own_confidence_score(r["test"], name) for r in group])
                          for name in (metric, "ece", "nll", "brier", "auroc_error")}
                 rows.append([variant_label(variant)] + [_cell_text(stats[metric], expected=len(mine))]
                             + [_cell_text(stats[name]) for name in ("ece", "nll", "brier", "auroc_error")])
@@ -1235,7 +1239,8 @@ def _calibration_section(view: StudyView, output_dir: Path, figures_dir: Path):
                 save_reliability_comparison(pooled, path, title=f"{backbone}, {_short_data(data)} (seeds pooled)")
                 figures.append(path)
             header = ["Method", f"{task_label} ↑", "ECE ↓", "NLL ↓", "Brier ↓", "Error AUROC ↑"]
-            parts.append(f"**{backbone}, {_short_data(data)}, {chosen[0].shots} shots**\n\n" + _table(header, rows))
+            parts.append(f"**{backbone}, {_short_data(data)}, {chosen[0].shots} shots** (error AUROC of the method's "
+                         "own confidence where it reports one)\n\n" + _table(header, rows))
     return "\n\n".join(parts) if parts else "No cells planned.", summary, figures
 
 
