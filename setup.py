@@ -16,6 +16,7 @@ setup(
         "safetensors>=0.4",
         "datasets>=3.0",
         "seqeval>=1.2",
+        "scikit-learn>=1.3",  # benchmarks/confidence_forms.py (also required by seqeval)
         "torchmetrics>=1.4",
         "matplotlib>=3.7",
         "tqdm>=4.66",
