@@ -50,6 +50,9 @@ def main(output_dir):
     rank = trainer.args.process_index
     tensors = {f"step{i}.{name}": t for i, step in enumerate(recorder.steps) for name, t in step.items()}
     save_file({**tensors, "first_batch": recorder.first_batch}, f"{output_dir}/rank{rank}.safetensors")
+    # both ranks leave together: a rank exiting while gloo still talks to the other aborted it ("terminate called
+    # without an active exception") on a loaded machine
+    torch.distributed.barrier()
 
 
 if __name__ == "__main__":
