@@ -4,8 +4,11 @@
 an ensemble of the LoRA runs of several seeds (predictive entropy and mutual information).
 
     python benchmarks/ood_check.py --study-dir runs/calibration-study --examples 1000
+    python benchmarks/ood_check.py --umema-runs docs/results/runs/cells/minilm/semeval2010_task8/umema/*/run \
+        --lora-runs docs/results/runs/cells/minilm/semeval2010_task8/lora/*lr0.002*/run
 
-Reads the run folders `benchmarks/calibration_study.py` wrote (`semeval2010_task8/{umema,lora}_seed*`).
+Reads the run folders `benchmarks/calibration_study.py` wrote (`semeval2010_task8/{umema,lora}_seed*`), or any
+SemEval-trained run folders given explicitly (e.g. `peft-umema reproduce` cells kept with `--keep-adapters`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 from calibration_study import refresh_novelty_references
 from datasets import Dataset
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from sklearn.metrics import roc_auc_score
 
 from peft_umema.baselines.mc_dropout import MCDropout
@@ -58,6 +62,10 @@ def _auroc(inside: np.ndarray, outside: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study-dir", default="runs/calibration-study")
+    parser.add_argument("--umema-runs", nargs="+", type=Path, default=None, help="UMEMA run folders (default: "
+                        "the study dir's umema_seed*)")
+    parser.add_argument("--lora-runs", nargs="+", type=Path, default=None, help="LoRA run folders (default: the "
+                        "study dir's lora_seed*)")
     parser.add_argument("--examples", type=int, default=1000)
     parser.add_argument("--mc-samples", type=int, default=10)
     parser.add_argument("--output", default=None, help="JSON file for the AUROCs")
@@ -73,10 +81,12 @@ def main() -> None:
     def add(name, scores_in, scores_out):
         results.setdefault(name, []).append(_auroc(np.asarray(scores_in), np.asarray(scores_out)))
 
-    def finished(pattern):
-        return [folder for folder in sorted(root.glob(pattern)) if (folder / runs.METRICS_NAME).is_file()]
+    def finished(explicit, pattern):
+        folders = sorted(root.glob(pattern)) if explicit is None else explicit
+        return [folder for folder in folders if (folder / runs.METRICS_NAME).is_file()
+                and (folder / SAFETENSORS_WEIGHTS_NAME).is_file()]
 
-    for folder in finished("umema_seed*"):
+    for folder in finished(args.umema_runs, "umema_seed*"):
         run = runs.load_run(folder)
         refresh_novelty_references(run, folder, load_data(IN_DISTRIBUTION)[0], schema)
         pred = [run.method.predict(run.fitted, batches(run, d), progress=False) for d in (inside, outside)]
@@ -84,7 +94,7 @@ def main() -> None:
         add("UMEMA 1 - confidence", *(1 - np.stack(p.confidence) for p in pred))
         add("UMEMA softmax entropy", *(_entropy(torch.from_numpy(np.stack(p.probs))).numpy() for p in pred))
     ensemble = {"in": [], "out": []}
-    for folder in finished("lora_seed*"):
+    for folder in finished(args.lora_runs, "lora_seed*"):
         run = runs.load_run(folder)
         model = run.fitted.model
         probs = [torch.from_numpy(np.stack(run.method.predict(run.fitted, batches(run, d), progress=False).probs))

@@ -367,3 +367,36 @@ def test_post_hoc_cells_start_from_the_finished_lora_cell(tiny_backbone, relatio
         runs.train(tiny_backbone, relations, tmp_path / "wrong", method="lora+ts", seed=1, base_run=lora_run, **options)
     with pytest.raises(ValueError, match="trains its own model"):
         runs.train(tiny_backbone, relations, tmp_path / "wrong", method="lora", base_run=lora_run, **options)
+
+
+def _verdict_view(tests_by_variant_and_seed: dict) -> tuple[rp.StudyView, list]:
+    settings = rp.TrainingSettings()
+    cells, records = [], {}
+    for (variant, seed), test in tests_by_variant_and_seed.items():
+        cell = rp.Cell("train", "tiny", "data", 1000, seed, variant, 1e-3, 0.0, settings)
+        cells.append(cell)
+        records[cell.key] = {"task_type": "SEQ_CLS", "test": test}
+    plan = {"cells": {cell.key: cell.to_dict() for cell in cells}}
+    return rp.StudyView("calibration", plan, records), cells
+
+
+def test_umema_verdict_compares_the_same_seeds_against_each_bar():
+    lora = {"accuracy": 0.800, "ece": 0.10, "nll": 0.60, "auroc_error": 0.80}
+    tests = {
+        ("lora", 0): lora, ("lora", 1): lora,
+        ("lora+ts", 0): {**lora, "ece": 0.03, "nll": 0.55}, ("lora+ts", 1): {**lora, "ece": 0.03, "nll": 0.55},
+        # seed 0 only: a better UMEMA on seed 1 must not enter the means, as LoRA + TS's bar has two seeds
+        ("umema", 0): {"accuracy": 0.796, "ece": 0.04, "nll": 0.50, "auroc_error": 0.70,
+                       "um_confidence_auroc_error": 0.82},
+    }
+    view, cells = _verdict_view(tests)
+    verdict = rp._umema_verdict(view, cells)
+    assert "seeds 0)" in verdict
+    assert "ECE 0.040 vs LoRA + TS 0.030 ✗" in verdict
+    assert "NLL 0.500 vs LoRA + TS 0.550 ✓" in verdict
+    assert "Accuracy 0.796 vs LoRA - 0.5 pt 0.795 ✓" in verdict
+    assert "error AUROC 0.820 vs LoRA's softmax 0.800 ✓" in verdict  # UMEMA's own confidence, not its softmax
+    assert "error AUROC 0.820 vs UMEMA's own softmax 0.700 ✓" in verdict
+    assert "entity-token" not in verdict  # a sentence task has no entity tokens
+    view, cells = _verdict_view({key: value for key, value in tests.items() if key[0] != "lora+ts"})
+    assert rp._umema_verdict(view, cells) == ""  # no bar to compare with, no line
