@@ -381,13 +381,13 @@ def _verdict_view(tests_by_variant_and_seed: dict) -> tuple[rp.StudyView, list]:
 
 
 def test_umema_verdict_compares_the_same_seeds_against_each_bar():
-    lora = {"accuracy": 0.800, "ece": 0.10, "nll": 0.60, "auroc_error": 0.80}
+    lora = {"accuracy": 0.800, "ece": 0.10, "nll": 0.60, "auroc_error": 0.80, "aurc": 0.050}
     tests = {
         ("lora", 0): lora, ("lora", 1): lora,
         ("lora+ts", 0): {**lora, "ece": 0.03, "nll": 0.55}, ("lora+ts", 1): {**lora, "ece": 0.03, "nll": 0.55},
         # seed 0 only: a better UMEMA on seed 1 must not enter the means, as LoRA + TS's bar has two seeds
         ("umema", 0): {"accuracy": 0.796, "ece": 0.04, "nll": 0.50, "auroc_error": 0.70,
-                       "um_confidence_auroc_error": 0.82},
+                       "um_confidence_auroc_error": 0.82, "aurc": 0.070, "um_confidence_aurc": 0.040},
     }
     view, cells = _verdict_view(tests)
     verdict = rp._umema_verdict(view, cells)
@@ -397,6 +397,7 @@ def test_umema_verdict_compares_the_same_seeds_against_each_bar():
     assert "Accuracy 0.796 vs LoRA - 0.5 pt 0.795 ✓" in verdict
     assert "error AUROC 0.820 vs LoRA's softmax 0.800 ✓" in verdict  # UMEMA's own confidence, not its softmax
     assert "error AUROC 0.820 vs UMEMA's own softmax 0.700 ✓" in verdict
+    assert "AURC 0.040 vs LoRA's softmax 0.050 ✓" in verdict
     assert "entity-token" not in verdict  # a sentence task has no entity tokens
     view, cells = _verdict_view({key: value for key, value in tests.items() if key[0] != "lora+ts"})
     assert rp._umema_verdict(view, cells) == ""  # no bar to compare with, no line

@@ -1289,6 +1289,9 @@ def _umema_verdict(view: StudyView, chosen: Sequence[Cell]) -> str:
               "LoRA's softmax"),
         check("error AUROC", mean("umema", "auroc_error", own=True), mean("umema", "auroc_error"), True,
               "UMEMA's own softmax"),
+        # A more accurate model has fewer, harder errors, which lowers its error AUROC; the area under the
+        # risk-coverage curve scores ranking and accuracy together.
+        check("AURC", mean("umema", "aurc", own=True), mean("lora", "aurc"), False, "LoRA's softmax"),
         check("entity-token ECE", mean("umema", "entity_ece"), mean("lora+ts", "entity_ece"), False, "LoRA + TS"),
     ]
     checks = [text for text in checks if text]
