@@ -82,6 +82,11 @@ def test_json_holds_every_seed_and_the_shared_fits(all_methods):
         assert runs["laplace", seed]["method_details"]["variant"].startswith("lora,")
         assert runs["ensemble", seed]["trainable_parameters"] == 2 * lora["trainable_parameters"]
 
+    # the table ends with UMEMA against its bars, over both seeds
+    markdown = (output_dir / comparison.TABLE_NAME).read_text()
+    verdict = next(line for line in markdown.splitlines() if line.startswith("UMEMA against its bars"))
+    assert "(seeds 0, 1)" in verdict and "vs LoRA + TS" in verdict and "vs LoRA - 0.5 pt" in verdict
+
     # the error-detection column reads UM's own confidence for umema, the maximum probability for lora
     summary = {row["method"]: row for row in results["summary"]}
     for name, key in (("umema", "um_confidence_auroc_error"), ("lora", "auroc_error")):

@@ -18,6 +18,7 @@ from peft_umema import UMEMAConfig
 from peft_umema.cli import main
 from peft_umema.experiments import reproduce as rp
 from peft_umema.experiments import runs
+from peft_umema.experiments.verdict import umema_verdict
 
 TRAINING = ["--shots", "16", "--max-steps", "2", "--epochs", "1", "--batch-size", "8", "--max-length", "32",
             "--threads", "1"]
@@ -401,3 +402,8 @@ def test_umema_verdict_compares_the_same_seeds_against_each_bar():
     assert "entity-token" not in verdict  # a sentence task has no entity tokens
     view, cells = _verdict_view({key: value for key, value in tests.items() if key[0] != "lora+ts"})
     assert rp._umema_verdict(view, cells) == ""  # no bar to compare with, no line
+    token_tests = {("lora", 0): {"f1": 0.5, "entity_ece": 0.2}, ("lora+ts", 0): {"f1": 0.5, "entity_ece": 0.1},
+                   ("umema", 0): {"f1": 0.49, "entity_ece": 0.15}}
+    assert umema_verdict({variant: {seed: test} for (variant, seed), test in token_tests.items()}, "TOKEN_CLS") == (
+        "UMEMA against its bars (seeds 0): Span F1 0.490 vs LoRA - 0.5 pt 0.495 ✗; "
+        "entity-token ECE 0.150 vs LoRA + TS 0.100 ✗.")

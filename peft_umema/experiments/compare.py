@@ -56,6 +56,7 @@ from .methods import (
     write_json,
 )
 from .runs import CHECKPOINTS_NAME, DEFAULT_MODEL
+from .verdict import umema_verdict
 
 DEFAULT_OUTPUT_DIR = "umema-comparison"
 TABLE_NAME = "comparison.md"
@@ -321,6 +322,12 @@ class _Results:
             cells = [_format_cell(row[column.key], column) for column in self.columns]
             notes = "; ".join(f"seed {error['seed']} failed: {error['error']}" for error in row["errors"])
             lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {_escape(notes)} |")
+        tests: dict[str, dict[int, dict]] = {}
+        for record in self.records:
+            if "error" not in record:
+                tests.setdefault(record["method"], {})[record["seed"]] = record["test"]
+        verdict = umema_verdict(tests, settings["task_type"])
+        lines += ["", verdict] if verdict else []
         lines += [
             "",
             "Error AUROC (is a wrong prediction less confident than a right one) and AURC (area under the "

@@ -1246,56 +1246,16 @@ def _calibration_section(view: StudyView, output_dir: Path, figures_dir: Path):
     return "\n\n".join(parts) if parts else "No cells planned.", summary, figures
 
 
-# How far below LoRA's score UMEMA may fall and still count as "as accurate" (the method-quality issue's bar).
-SCORE_TOLERANCE = 0.005
-
-
 def _umema_verdict(view: StudyView, chosen: Sequence[Cell]) -> str:
-    """One line on UMEMA against the bars it has to clear: ECE and NLL of LoRA + TS, LoRA's score less
-    `SCORE_TOLERANCE`, and the softmax's error AUROC (LoRA's, and UMEMA's own maximum probability); means over the
-    seeds that every compared method has finished, so that no bar compares different seeds."""
-    from .methods import own_confidence_score
+    """`verdict.umema_verdict` over one data set's finished cells."""
+    from .verdict import umema_verdict
 
-    by_variant = defaultdict(dict)
+    tests = defaultdict(dict)
     for cell in chosen:
         if cell.key in view.records:
-            by_variant[cell.variant][cell.seed] = view.records[cell.key]["test"]
-    needed = ("umema", "lora", "lora+ts")
-    if not all(by_variant.get(name) for name in needed):
-        return ""
-    seeds = sorted(set.intersection(*(set(by_variant[name]) for name in needed)))
-    if not seeds:
-        return ""
-    metric, label = task_metric(next(view.records[c.key]["task_type"] for c in chosen if c.key in view.records))
-
-    def mean(variant, key, own=False):
-        values = [own_confidence_score(by_variant[variant][seed], key) if own else by_variant[variant][seed].get(key)
-                  for seed in seeds]
-        values = [v for v in values if v is not None]
-        return float(np.mean(values)) if len(values) == len(seeds) else None
-
-    def check(name, mine, bar, higher_is_better, bar_name):
-        if mine is None or bar is None:
-            return None
-        ok = mine >= bar if higher_is_better else mine <= bar
-        return f"{name} {mine:.3f} vs {bar_name} {bar:.3f} {'✓' if ok else '✗'}"
-
-    checks = [
-        check("ECE", mean("umema", "ece"), mean("lora+ts", "ece"), False, "LoRA + TS"),
-        check("NLL", mean("umema", "nll"), mean("lora+ts", "nll"), False, "LoRA + TS"),
-        check(label, mean("umema", metric), None if mean("lora", metric) is None
-              else mean("lora", metric) - SCORE_TOLERANCE, True, "LoRA - 0.5 pt"),
-        check("error AUROC", mean("umema", "auroc_error", own=True), mean("lora", "auroc_error"), True,
-              "LoRA's softmax"),
-        check("error AUROC", mean("umema", "auroc_error", own=True), mean("umema", "auroc_error"), True,
-              "UMEMA's own softmax"),
-        # A more accurate model has fewer, harder errors, which lowers its error AUROC; the area under the
-        # risk-coverage curve scores ranking and accuracy together.
-        check("AURC", mean("umema", "aurc", own=True), mean("lora", "aurc"), False, "LoRA's softmax"),
-        check("entity-token ECE", mean("umema", "entity_ece"), mean("lora+ts", "entity_ece"), False, "LoRA + TS"),
-    ]
-    checks = [text for text in checks if text]
-    return (f"UMEMA against its bars (seeds {', '.join(map(str, seeds))}): " + "; ".join(checks) + ".") if checks else ""
+            tests[cell.variant][cell.seed] = view.records[cell.key]["test"]
+    task_types = [view.records[cell.key]["task_type"] for cell in chosen if cell.key in view.records]
+    return umema_verdict(tests, task_types[0]) if task_types else ""
 
 
 def _overhead_section(view: StudyView, output_dir: Path, figures_dir: Path):

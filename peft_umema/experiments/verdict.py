@@ -1,0 +1,58 @@
+"""UMEMA against the bars it has to clear to be worth choosing over LoRA: at least LoRA + temperature scaling's
+calibration (ECE, NLL), LoRA's accuracy less half a point, and errors detected at least as well as by the softmax.
+One line for `compare`'s table and for each calibration table of `reproduce --report`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from .methods import own_confidence_score
+
+# How far below LoRA's score UMEMA may fall and still count as "as accurate".
+SCORE_TOLERANCE = 0.005
+COMPARED = ("umema", "lora", "lora+ts")
+
+
+def umema_verdict(tests: Mapping[str, Mapping[int, dict]], task_type: str) -> str:
+    """`tests`: method -> seed -> test metrics. Means over the seeds that every compared method has, so that no bar
+    compares different seeds; "" when a compared method has none."""
+    if not all(tests.get(name) for name in COMPARED):
+        return ""
+    seeds = sorted(set.intersection(*(set(tests[name]) for name in COMPARED)))
+    if not seeds:
+        return ""
+    metric, label = ("accuracy", "Accuracy") if task_type == "SEQ_CLS" else ("f1", "Span F1")
+
+    def mean(method, key, own=False):
+        values = [own_confidence_score(tests[method][seed], key) if own else tests[method][seed].get(key)
+                  for seed in seeds]
+        values = [value for value in values if value is not None]
+        return float(np.mean(values)) if len(values) == len(seeds) else None
+
+    def check(name, mine, bar, higher_is_better, bar_name):
+        if mine is None or bar is None:
+            return None
+        ok = mine >= bar if higher_is_better else mine <= bar
+        return f"{name} {mine:.3f} vs {bar_name} {bar:.3f} {'✓' if ok else '✗'}"
+
+    lora_score = mean("lora", metric)
+    checks = [
+        check("ECE", mean("umema", "ece"), mean("lora+ts", "ece"), False, "LoRA + TS"),
+        check("NLL", mean("umema", "nll"), mean("lora+ts", "nll"), False, "LoRA + TS"),
+        check(label, mean("umema", metric), None if lora_score is None else lora_score - SCORE_TOLERANCE, True,
+              "LoRA - 0.5 pt"),
+        check("error AUROC", mean("umema", "auroc_error", own=True), mean("lora", "auroc_error"), True,
+              "LoRA's softmax"),
+        check("error AUROC", mean("umema", "auroc_error", own=True), mean("umema", "auroc_error"), True,
+              "UMEMA's own softmax"),
+        # A more accurate model has fewer, harder errors, which lowers its error AUROC; the area under the
+        # risk-coverage curve scores ranking and accuracy together.
+        check("AURC", mean("umema", "aurc", own=True), mean("lora", "aurc"), False, "LoRA's softmax"),
+        check("entity-token ECE", mean("umema", "entity_ece"), mean("lora+ts", "entity_ece"), False, "LoRA + TS"),
+    ]
+    checks = [text for text in checks if text]
+    if not checks:
+        return ""
+    return f"UMEMA against its bars (seeds {', '.join(map(str, seeds))}): " + "; ".join(checks) + "."
