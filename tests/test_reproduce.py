@@ -358,6 +358,9 @@ def test_post_hoc_cells_start_from_the_finished_lora_cell(tiny_backbone, relatio
     reused = {r["cell"]["variant"]: r for r in rp.all_records(shared).values()}
     trained = next(iter(rp.all_records(alone).values()))
     lora_run = rp.cell_dir(shared, rp.Cell.from_dict(reused["lora"]["cell"])) / rp.RUN_DIR
+    for output_dir, record in ((shared, reused["lora+ts"]), (alone, trained)):
+        # kept for the reliability diagrams, whether the cell trained its LoRA or started from the lora cell's
+        assert (rp.cell_dir(output_dir, rp.Cell.from_dict(record["cell"])) / rp.PREDICTIONS_NAME).is_file()
     assert (lora_run / "adapter_model.safetensors").is_file()  # the base cell keeps its adapter
     assert reused["lora+ts"]["base_run"] == str(lora_run.relative_to(shared))
     assert trained["base_run"] is None

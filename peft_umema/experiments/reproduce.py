@@ -363,8 +363,8 @@ def _take_lock(folder: Path) -> bool:
 class _Capture:
     """Keeps what `runs.train` hands around inside: the fitted model's log and the test predictions.
 
-    The registered method object gets instance attributes that wrap its `fit` and `predict` for the duration;
-    `train` calls `predict` once after `fit`, on the test split.
+    The registered method object gets instance attributes that wrap its `fit` (`fit_on` for a method started from
+    a base cell's fit) and `predict` for the duration; `train` calls `predict` once after fitting, on the test split.
     """
 
     def __init__(self, method):
@@ -372,15 +372,19 @@ class _Capture:
         self.log_history: list[dict] = []
         self.predictions = None
         self._fitted = False
+        self._wrapped = [name for name in ("fit", "fit_on", "predict") if hasattr(method, name)]
 
-    def __enter__(self):
-        fit, predict = self.method.fit, self.method.predict
-
-        def capturing_fit(setup):
-            fitted = fit(setup)
+    def _capturing(self, fit):
+        def capturing_fit(*args):
+            fitted = fit(*args)
             self.log_history = list(fitted.log_history)
             self._fitted = True
             return fitted
+
+        return capturing_fit
+
+    def __enter__(self):
+        predict = self.method.predict
 
         def capturing_predict(fitted, batches, progress=True):
             predictions = predict(fitted, batches, progress=progress)
@@ -388,11 +392,15 @@ class _Capture:
                 self.predictions = predictions
             return predictions
 
-        self.method.fit, self.method.predict = capturing_fit, capturing_predict
+        for name in self._wrapped:
+            if name != "predict":
+                setattr(self.method, name, self._capturing(getattr(self.method, name)))
+        self.method.predict = capturing_predict
         return self
 
     def __exit__(self, *exc):
-        del self.method.fit, self.method.predict
+        for name in self._wrapped:
+            delattr(self.method, name)
         return False
 
 
