@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from .verdict import task_metric, umema_verdict
+
 STUDIES = ("main", "ablation", "lr", "missing", "calibration", "overhead")
 TUNE = "tune"  # the pseudo-study of the learning-rate selection cells
 PAPER_DATASETS = ("20newsgroups", "semeval2010_task8", "wnut17", "ploner")
@@ -859,10 +861,6 @@ def _duration(seconds: float) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def task_metric(task_type: str) -> tuple[str, str]:
-    return ("accuracy", "Accuracy") if task_type == "SEQ_CLS" else ("f1", "Span F1")
-
-
 def _stats(values: Sequence[float | None]) -> dict | None:
     values = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
@@ -1256,8 +1254,6 @@ def _calibration_section(view: StudyView, output_dir: Path, figures_dir: Path):
 
 def _umema_verdict(view: StudyView, chosen: Sequence[Cell]) -> str:
     """`verdict.umema_verdict` over one data set's finished cells."""
-    from .verdict import umema_verdict
-
     tests = defaultdict(dict)
     for cell in chosen:
         if cell.key in view.records:

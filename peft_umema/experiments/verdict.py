@@ -8,22 +8,28 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .methods import own_confidence_score
-
 # How far below LoRA's score UMEMA may fall and still count as "as accurate".
 SCORE_TOLERANCE = 0.005
 COMPARED = ("umema", "lora", "lora+ts")
 
 
+def task_metric(task_type: str) -> tuple[str, str]:
+    """The score a task is judged by: its metric key and its label."""
+    return ("accuracy", "Accuracy") if task_type == "SEQ_CLS" else ("f1", "Span F1")
+
+
 def umema_verdict(tests: Mapping[str, Mapping[int, dict]], task_type: str) -> str:
     """`tests`: method -> seed -> test metrics. Means over the seeds that every compared method has, so that no bar
     compares different seeds; "" when a compared method has none."""
+    # torch comes with it; the report imports this module at start-up
+    from .methods import own_confidence_score
+
     if not all(tests.get(name) for name in COMPARED):
         return ""
     seeds = sorted(set.intersection(*(set(tests[name]) for name in COMPARED)))
     if not seeds:
         return ""
-    metric, label = ("accuracy", "Accuracy") if task_type == "SEQ_CLS" else ("f1", "Span F1")
+    metric, label = task_metric(task_type)
 
     def mean(method, key, own=False):
         values = [own_confidence_score(tests[method][seed], key) if own else tests[method][seed].get(key)
