@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="External Memory Augmentation (umema method)")
     train.add_argument("--missing-rate", type=fraction_value, default=0.0,
                        help="drop this fraction of the words of every example (missing-information study)")
+    _add_evaluation_subsets(train)
     _add_training_options(train, defaults)
     train.set_defaults(handler=_train)
 
@@ -109,10 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", nargs="+", type=seed_value, default=[0, 1, 2],
                          help="one run of every method per seed")
     compare.add_argument("--output-dir", default="umema-comparison", help="folder for the table and diagrams")
-    compare.add_argument("--dev-size", type=positive_int,
-                         help="score on a fixed seeded subset of this many dev examples")
-    compare.add_argument("--test-size", type=positive_int,
-                         help="score on a fixed seeded subset of this many test examples")
+    _add_evaluation_subsets(compare)
     _add_training_options(compare, defaults)
     compare.set_defaults(handler=_compare)
     _add_reproduce(commands)
@@ -142,6 +140,15 @@ def _add_reproduce(commands) -> None:
     )
     reproduce.add_arguments(parser)
     parser.set_defaults(handler=reproduce.run_from_args)
+
+
+def _add_evaluation_subsets(parser: argparse.ArgumentParser) -> None:
+    """--dev-size / --test-size: a fixed seeded subset of the dev / test split (the same for every seed)."""
+    parser.add_argument("--dev-size", type=positive_int,
+                        help="pick the epoch and fit calibration on a fixed seeded subset of this many dev examples "
+                        "(default: all)")
+    parser.add_argument("--test-size", type=positive_int,
+                        help="score on a fixed seeded subset of this many test examples (default: all)")
 
 
 def _add_model_and_data(parser: argparse.ArgumentParser, defaults: run.TrainOptions) -> None:
@@ -337,8 +344,8 @@ def _train(args: argparse.Namespace) -> int:
     check_training_command(args)
     metrics = run.train(
         args.model, args.data, args.output_dir, method=args.method, shots=args.shots, seed=args.seed,
-        missing_rate=args.missing_rate, use_um=args.use_um, use_ema=args.use_ema, **_training_options(args),
-        **_data_options(args),
+        missing_rate=args.missing_rate, use_um=args.use_um, use_ema=args.use_ema, dev_size=args.dev_size,
+        test_size=args.test_size, **_training_options(args), **_data_options(args),
     )
     print(f"{metrics['method']} on {metrics['data']} ({metrics['sizes']['train']} training examples, "
           f"{metrics['timings']['total_seconds']:.0f} s). Test split ({metrics['sizes']['test']} examples):")

@@ -1,6 +1,8 @@
 """`peft-umema reproduce` end to end on a tiny random BERT and tiny slices of SemEval-2010 Task 8 and WNUT-2017:
 cells written, a rerun skips them, a killed cell is redone, the report rebuilds the tables from the folders alone."""
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -10,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_cli import PNG_SIGNATURE, save_relation_slice, save_tiny_backbone
 from test_methods import save_wnut17_slice
@@ -410,3 +413,39 @@ def test_umema_verdict_compares_the_same_seeds_against_each_bar():
     assert umema_verdict({variant: {seed: test} for (variant, seed), test in token_tests.items()}, "TOKEN_CLS") == (
         "UMEMA against its bars (seeds 0): Span F1 0.490 vs LoRA - 0.5 pt 0.495 ✗; "
         "entity-token ECE 0.150 vs LoRA + TS 0.100 ✗.")
+
+
+def test_evaluation_subsets_bound_smoke_cells_and_leave_other_keys_unchanged(tiny_backbone, relations, tmp_path):
+    """--dev-size / --test-size score every cell (and the post-hoc cell built on it) on the same fixed subsets, the
+    report says the numbers are not full-test-set ones, and cells without them keep the keys they had before."""
+    output_dir = tmp_path / "subsets"
+    assert main(grid_command(tiny_backbone, [relations], output_dir, "--study", "calibration", "--methods", "lora",
+                             "lora+ts", "--seeds", "0", "--lr", "5e-3", "--dev-size", "6", "--test-size", "10")) == 0
+    records = {record["cell"]["variant"]: record for record in rp.all_records(output_dir).values()}
+    assert set(records) == {"lora", "lora+ts"}
+    for record in records.values():
+        assert record["sizes"]["test"] == 10 and record["sizes"]["validation"] == 6
+        assert record["cell"]["settings"]["test_size"] == 10
+    predictions = [np.load(output_dir / rp.CELLS_DIR / record["key"] / rp.PREDICTIONS_NAME)["confidence"]
+                   for record in records.values()]
+    assert all(len(confidence) == 10 for confidence in predictions)
+    markdown = (output_dir / "report" / "results.md").read_text()
+    assert "fixed seeded subsets of dev and test" in markdown and "dev 6, test 10" in markdown
+    assert "--dev-size 6 --test-size 10" in markdown
+
+    full = rp.Cell("train", "minilm", "wnut17", 1000, 0, "lora", 1e-3, 0.0, rp.TrainingSettings(epochs=6, patience=2))
+    identity = dataclasses.asdict(full)
+    for name in rp.UNSET_IS_UNHASHED:
+        del identity["settings"][name]
+    assert full.key.endswith(hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8])
+    assert dataclasses.replace(full, settings=dataclasses.replace(full.settings, test_size=10)).key != full.key
+
+
+def test_train_scores_a_fixed_test_subset(tiny_backbone, relations, tmp_path):
+    metrics = runs.train(tiny_backbone, relations, tmp_path / "run", method="lora", shots=16, max_steps=1, epochs=1,
+                         batch_size=8, max_length=32, progress=False, test_size=7)
+    assert metrics["sizes"]["test"] == 7 and metrics["full_sizes"]["test"] > 7
+    with pytest.raises(SystemExit) as usage_error:
+        main(["train", "--model", tiny_backbone, "--data", relations, "--output-dir", str(tmp_path / "bad"),
+              "--test-size", "0"])
+    assert usage_error.value.code == 2 and not (tmp_path / "bad").exists()

@@ -32,12 +32,15 @@ __all__ = [
     "tokenize_sequence_classification",
     "tokenize_token_classification",
     "k_shot_subset",
+    "evaluation_subset",
     "corrupt_missing",
 ]
 # A newline between the two texts of a pair, for tokenizers whose pair encoding puts nothing between them (GPT-2,
 # SmolLM2): glued together, the last word of one text and the first of the other would merge.
 PAIR_SEPARATOR = "\n"
 CORRUPTION_MODES = ("drop", "mask")
+# Dev and test subsets do not depend on the run's seed: every seed and method is scored on the same examples.
+EVALUATION_SUBSET_SEED = 0
 # What corruption never removes from a text: whitespace, and SemEval's entity markers, without which an example no
 # longer says which entity pair it is about.
 _TEXT_SEPARATORS = re.compile(r"(\s+|</?e[12]>)")
@@ -198,6 +201,14 @@ def k_shot_subset(dataset: Dataset, shots: int, seed: int, schema: Optional[Data
             f"Asked for {shots} shots but the split has only {len(dataset)} examples; use shots <= {len(dataset)}."
         )
     return dataset.select(stratified_sample(stratification_keys(dataset, schema), int(shots), seed))
+
+
+def evaluation_subset(dataset: Dataset, size: Optional[int]) -> Dataset:
+    """``size`` examples of a dev or test split drawn under a fixed seed (the same for every run), or the whole
+    split when ``size`` is None or not smaller; bounds the cost of smoke runs and of sampling methods on a CPU."""
+    if size is None or size >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=EVALUATION_SUBSET_SEED).select(range(size))
 
 
 def corrupt_missing(

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.loaders import SEQ_CLS, describe_data, load_data
-from ..data.preprocessing import k_shot_subset, tokenize_dataset
+from ..data.preprocessing import evaluation_subset, k_shot_subset, tokenize_dataset
 from ..evaluation.reliability import (
     save_reliability_comparison,
     save_reliability_diagram,
@@ -62,8 +62,6 @@ DEFAULT_OUTPUT_DIR = "umema-comparison"
 TABLE_NAME = "comparison.md"
 RESULTS_NAME = "comparison.json"
 OVERLAY_NAME = "reliability_overlay.png"
-# The dev and test subsets do not depend on the run's seed: every seed is scored on the same examples.
-SUBSET_SEED = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +154,8 @@ def compare(
     )
     task_type, label_names = schema.task_type, list(schema.label_names)
     tokenizer = load_tokenizer(backbone.path, where=f"the backbone {model}", fix=BACKBONE_TOKENIZER_FIX)
-    dev = tokenize_dataset(_fixed_subset(splits["validation"], dev_size), tokenizer, options.max_length, schema=schema)
-    test = tokenize_dataset(_fixed_subset(splits["test"], test_size), tokenizer, options.max_length, schema=schema)
+    dev = tokenize_dataset(evaluation_subset(splits["validation"], dev_size), tokenizer, options.max_length, schema=schema)
+    test = tokenize_dataset(evaluation_subset(splits["test"], test_size), tokenizer, options.max_length, schema=schema)
     test_batches = DataLoader(test, batch_size=2 * options.batch_size, collate_fn=data_collator(task_type, tokenizer))
     results = _Results(
         output_dir,
@@ -389,13 +387,6 @@ def _concatenated(runs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray
 
 def _diagram_name(method: str) -> str:
     return f"reliability_{method}.png"
-
-
-def _fixed_subset(dataset, size: Optional[int]):
-    """`size` examples drawn under a fixed seed, or the whole split."""
-    if size is None or size >= len(dataset):
-        return dataset
-    return dataset.shuffle(seed=SUBSET_SEED).select(range(size))
 
 
 def _train_options(options: dict) -> TrainOptions:

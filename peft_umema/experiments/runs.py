@@ -38,6 +38,7 @@ from ..data.loaders import (
 )
 from ..data.preprocessing import (
     corrupt_missing,
+    evaluation_subset,
     k_shot_subset,
     tokenize_dataset,
 )
@@ -112,6 +113,8 @@ def train(
     label_names: str | Sequence[str] | None = None,
     skip_empty: bool = False,
     base_run: str | os.PathLike | None = None,
+    dev_size: Optional[int] = None,
+    test_size: Optional[int] = None,
     **options,
 ) -> dict:
     """Fine-tune `model` on `data` with `method`, pick the best epoch on dev, score the test split, save the run.
@@ -133,6 +136,8 @@ def train(
         base_run: for a method built on another's fit (`lora+ts`, `mcdropout`, `adue`, `laplace`, `ensemble` start
             from a `lora` fit), the run folder of that fit on the same backbone, data, shots, seed and options
             (its adapter files kept): it is loaded instead of trained again. Its training time counts in `fit_seconds`.
+        dev_size, test_size: pick the epoch on, and score, a fixed seeded subset of this many dev / test examples
+            (the same for every seed and method; for smoke runs); None: the whole split. Recorded in `sizes`.
         **options: any `TrainOptions` field (rank, use_um, use_ema, epochs, learning_rate, batch_size, max_length,
             patience, max_steps, warmup_ratio, weight_decay, max_grad_norm, target_modules, progress).
 
@@ -153,8 +158,9 @@ def train(
     train_options = TrainOptions(**options)
     chosen = get_method(method)
     check_seed(seed)
-    if shots is not None:
-        check_int(shots, "shots")
+    for name, value in (("shots", shots), ("dev_size", dev_size), ("test_size", test_size)):
+        if value is not None:
+            check_int(value, name)
     check_fraction(missing_rate, "missing_rate", closed=True)
     output_dir = check_output_dir(output_dir)
     backbone, data_name = _portable_name(model), _portable_name(data)
@@ -169,6 +175,9 @@ def train(
         shots = None
     if shots is not None:
         splits["train"] = k_shot_subset(splits["train"], shots, seed, schema=schema)
+    full_sizes = {split: len(dataset) for split, dataset in splits.items()}
+    splits["validation"] = evaluation_subset(splits["validation"], dev_size)
+    splits["test"] = evaluation_subset(splits["test"], test_size)
     tokenizer = load_tokenizer(found.path, where=f"the backbone {backbone}", fix=BACKBONE_TOKENIZER_FIX)
     with _datasets_progress(train_options.progress):
         if missing_rate:
@@ -240,6 +249,7 @@ def train(
         "missing_rate": missing_rate,
         "config": dataclasses.asdict(train_options),
         "sizes": {split: len(dataset) for split, dataset in splits.items()},
+        **({"full_sizes": full_sizes} if (dev_size, test_size) != (None, None) else {}),
         "base_run": None if base_run is None else os.fspath(base_run),
         "epochs_trained": _epochs_trained(fitted.log_history),
         "history": fitted.log_history,  # per-epoch training logs (loss terms, mean T) and dev metrics
