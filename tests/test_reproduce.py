@@ -235,8 +235,14 @@ def test_report_rebuilds_tables_and_figures_from_the_folders_alone(grid_run, tmp
         assert document["complete"] and document["finished_cells"] == document["planned_cells"] > 0
         assert document["invocations"][0]["command"].startswith("peft-umema reproduce")
         assert all(cell["status"] == "finished" and "ece" in cell["test"] for cell in document["cells"])
-    summary = json.loads((protocol_dir / "ablation.json").read_text())["summary"]
-    assert {(row["variant"], row["score"]["n"]) for row in summary} == {("lora", 2), ("umema", 2)}
+    ablation_document = json.loads((protocol_dir / "ablation.json").read_text())
+    assert {(row["variant"], row["score"]["n"]) for row in ablation_document["summary"]} == {("lora", 2), ("umema", 2)}
+    # The paper's grid next to what ran: 2 data sets x shots {16, 200, 500, 1000} x seeds 0-2 x the 4 variants;
+    # finished: shots 16, seeds 0-1, LoRA and UMEMA on both data sets.
+    (coverage,) = ablation_document["paper_grid"].values()
+    assert (coverage["planned"], coverage["finished"]) == (2 * 4 * 3 * 4, 2 * 2 * 2)
+    assert all(row == {"16": 4, "200": 0, "500": 0, "1000": 0} for row in coverage["finished_per_data_and_shots"].values())
+    assert "8 of 96 cells finished" in ablation
 
     figures = sorted(path.name for path in (report_dir / "figures").glob("*.png"))
     assert any(name.endswith("_overlay.png") for name in figures)

@@ -41,7 +41,7 @@ import shlex
 import shutil
 import time
 import traceback
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -992,6 +992,7 @@ def _study_document(view: StudyView, summary: Any, figures: list[Path], output_d
         "invocations": view.plan.get("invocations", []),
         "cell_seconds": round(sum(entry.get("timings", {}).get("wall_seconds", 0) for entry in cells), 1),
         "summary": summary,
+        **({"paper_grid": paper_grid_coverage(view)} if view.study in ("main", "ablation") else {}),
         "figures": [path.name for path in figures],
         "cells": cells,
     }
@@ -1098,6 +1099,66 @@ def _score_section(view: StudyView, output_dir: Path, figures_dir: Path):
 ABLATION_TEST_METRICS = ("ece", "nll", "auroc_error", "entity_ece")
 
 
+def paper_grid_coverage(view: StudyView) -> dict:
+    """Per backbone, how many cells of the paper's grid for `main` / `ablation` have finished: its data sets (where
+    the study has any of them), 200 / 500 / 1000 shots and three seeds, together with those the study's cells use,
+    times the study's default methods, at the learning rate each data set's cells use and the settings most of the
+    study's cells share. What an invocation's own plan, which may ask for less, cannot say."""
+    cells = view.cells
+    if view.study not in ("main", "ablation") or not cells:
+        return {}
+    settings = Counter(cell.settings for cell in cells).most_common(1)[0][0]
+    learning_rates = {(cell.backbone, cell.data): cell.learning_rate for cell in cells if cell.settings == settings}
+    datasets = _unique(cell.data for cell in cells)
+    if set(datasets) & set(PAPER_DATASETS):
+        datasets = list(PAPER_DATASETS) + [data for data in datasets if data not in PAPER_DATASETS]
+    shot_counts = sorted(set(PAPER_SHOTS) | {cell.shots for cell in cells})
+    seeds = sorted(set(PAPER_SEEDS) | {cell.seed for cell in cells})
+    methods = default_methods(view.study)
+    coverage = {}
+    for backbone in _unique(cell.backbone for cell in cells):
+        table = {}
+        for data in datasets:
+            lr = learning_rates.get((backbone, data))
+            table[data] = {
+                shots: sum(lr is not None and Cell("train", backbone, data, shots, seed, method, lr, 0.0,
+                                                   settings).key in view.records
+                           for seed in seeds for method in methods)
+                for shots in shot_counts
+            }
+        coverage[backbone] = {
+            "planned": len(datasets) * len(shot_counts) * len(seeds) * len(methods),
+            "finished": sum(sum(row.values()) for row in table.values()),
+            "seeds": seeds,
+            "methods": list(methods),
+            "finished_per_data_and_shots": table,
+        }
+    return coverage
+
+
+def _coverage_text(view: StudyView) -> str:
+    coverage = paper_grid_coverage(view)
+    parts = []
+    for backbone, entry in coverage.items():
+        table = entry["finished_per_data_and_shots"]
+        shot_counts = list(next(iter(table.values())))
+        per_cell = len(entry["seeds"]) * len(entry["methods"])
+        rows = [[_short_data(data)] + [f"{row[shots]}/{per_cell}" for shots in shot_counts]
+                for data, row in table.items()]
+        parts.append(
+            f"**Coverage of the paper's grid, {backbone}**: {entry['finished']} of {entry['planned']} cells finished "
+            f"({len(table)} data sets x {len(shot_counts)} shot counts x seeds "
+            f"{', '.join(map(str, entry['seeds']))} x {', '.join(variant_label(m) for m in entry['methods'])}; at the "
+            "chosen learning rates and the settings of this study's cells)\n\n"
+            + _table(["Data", *(f"{shots} shots" for shots in shot_counts)], rows))
+    return "\n\n".join(parts)
+
+
+def _main_section(view: StudyView, output_dir: Path, figures_dir: Path):
+    markdown, summary, figures = _score_section(view, output_dir, figures_dir)
+    return "\n\n".join([markdown, _coverage_text(view)]), summary, figures
+
+
 def _ablation_section(view: StudyView, output_dir: Path, figures_dir: Path):
     """The score table, then per data set every variant's test calibration (NLL, error AUROC, entity-token ECE for
     token tasks) and, for the lowest seed, its training per epoch: UM's mean temperature and confidence in training,
@@ -1105,7 +1166,7 @@ def _ablation_section(view: StudyView, output_dir: Path, figures_dir: Path):
     from .methods import own_confidence_score
 
     markdown, summary, figures = _score_section(view, output_dir, figures_dir)
-    parts = [markdown]
+    parts = [markdown, _coverage_text(view)]
     for (backbone, shots, data), group in sorted(view.groups("backbone", "shots", "data").items(),
                                                  key=lambda item: (item[0][0], -item[0][1], item[0][2])):
         task_type = _task_type_of(group)
@@ -1337,7 +1398,7 @@ def _unique(values: Iterable) -> list:
 
 _SECTION_BUILDERS = {
     TUNE: _tune_section,
-    "main": _score_section,
+    "main": _main_section,
     "ablation": _ablation_section,
     "lr": lambda view, out, figs: _curve_section(view, out, figs, "learning_rate"),
     "missing": lambda view, out, figs: _curve_section(view, out, figs, "missing_rate"),
