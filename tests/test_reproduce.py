@@ -455,3 +455,21 @@ def test_train_scores_a_fixed_test_subset(tiny_backbone, relations, tmp_path):
         main(["train", "--model", tiny_backbone, "--data", relations, "--output-dir", str(tmp_path / "bad"),
               "--test-size", "0"])
     assert usage_error.value.code == 2 and not (tmp_path / "bad").exists()
+
+
+def test_records_written_before_a_new_setting_keep_their_keys_and_learning_rate(grid_run, tmp_path, capsys):
+    """Cells recorded before `dev_size` / `test_size` existed (their settings lack them) stay finished, and their
+    tuning cells still choose the learning rate of a new invocation with the same settings."""
+    command, output_dir = grid_run
+    old = tmp_path / "old-records"
+    shutil.copytree(output_dir, old)
+    for path in (old / rp.CELLS_DIR).glob(f"**/{rp.CELL_NAME}"):
+        record = json.loads(path.read_text())
+        for name in rp.UNSET_IS_UNHASHED:
+            del record["cell"]["settings"][name]
+        path.write_text(json.dumps(record))
+    capsys.readouterr()
+    rerun = [part if part != str(output_dir) else str(old) for part in command]
+    assert main(rerun + ["--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "ablation: 8 cells (0 to run)" in printed and "calibration: 8 cells (0 to run)" in printed

@@ -111,6 +111,17 @@ class TrainingSettings:
 UNSET_IS_UNHASHED = ("dev_size", "test_size")
 
 
+def settings_identity(settings: TrainingSettings | dict) -> dict:
+    """The settings as they define a cell: the fields added later (`UNSET_IS_UNHASHED`) only when set, so cells and
+    records written before them keep their keys and still match the settings of a new invocation."""
+    values = dataclasses.asdict(settings if isinstance(settings, TrainingSettings) else TrainingSettings(**settings))
+    return {name: value for name, value in values.items() if not (name in UNSET_IS_UNHASHED and value is None)}
+
+
+def _settings_key(settings: TrainingSettings | dict) -> str:
+    return json.dumps(settings_identity(settings), sort_keys=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
     """One training run. `kind` is `train`, or `overhead` for the timing cells (one epoch, run alone)."""
@@ -150,10 +161,7 @@ class Cell:
     @property
     def key(self) -> str:
         """A readable relative folder, with a hash of everything that defines the cell."""
-        identity = dataclasses.asdict(self)
-        for name in UNSET_IS_UNHASHED:  # settings added later: unset, they leave the cells run before them unchanged
-            if identity["settings"][name] is None:
-                del identity["settings"][name]
+        identity = {**dataclasses.asdict(self), "settings": settings_identity(self.settings)}
         digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
         variant = self.variant.replace("+", "plus-")
         name = (f"{self.kind}-{self.shots}shots-lr{_number_name(self.learning_rate)}-"
@@ -666,17 +674,13 @@ def select_learning_rates(records: Iterable[dict]) -> dict[tuple, dict]:
         cell = record["cell"]
         score = dev_score(record)
         if score is not None:
-            key = (cell["backbone"], cell["data"], json.dumps(cell["settings"], sort_keys=True))
+            key = (cell["backbone"], cell["data"], _settings_key(cell["settings"]))
             candidates[key].append((cell["learning_rate"], score))
     selection = {}
     for key, scored in candidates.items():
         best_lr, best = max(sorted(scored), key=lambda pair: pair[1])
         selection[key] = {"learning_rate": best_lr, "dev_score": best, "candidates": dict(sorted(scored))}
     return selection
-
-
-def _settings_key(settings: TrainingSettings) -> str:
-    return json.dumps(dataclasses.asdict(settings), sort_keys=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1211,7 +1215,7 @@ def _tune_section(view: StudyView, output_dir: Path, figures_dir: Path):
         candidates = ", ".join(f"{_number_name(lr)}: {score:.3f}" for lr, score in picked["candidates"].items())
         chosen = next(r for r in finished if r["cell"]["backbone"] == backbone and r["cell"]["data"] == data
                       and r["cell"]["learning_rate"] == picked["learning_rate"]
-                      and json.dumps(r["cell"]["settings"], sort_keys=True) == settings)
+                      and _settings_key(r["cell"]["settings"]) == settings)
         metric, label = task_metric(chosen["task_type"])
         test = chosen["test"].get(metric)
         rows.append([backbone, _short_data(data), _number_name(picked["learning_rate"]), candidates,
