@@ -1012,7 +1012,9 @@ def _unfinished(output_dir: Path, cell: Cell) -> str:
 def _section_header(view: StudyView, document: dict) -> str:
     title = {TUNE: "Learning rate chosen on dev (plain LoRA)", "main": "Main results", "ablation": "Ablation",
              "lr": "Learning-rate sensitivity", "missing": "Missing-information robustness",
-             "calibration": "Calibration (1000 shots)", "overhead": "Overhead"}[view.study]
+             "calibration": "Calibration", "overhead": "Overhead"}[view.study]
+    if view.study == "calibration" and view.cells:
+        title += f" ({' / '.join(str(shots) for shots in sorted({cell.shots for cell in view.cells}))} shots)"
     lines = [f"## {title} (`{view.study}`)", "",
              f"{document['finished_cells']} of {document['planned_cells']} cells finished; "
              f"{_duration(document['cell_seconds'])} of cell time."]
