@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune a backbone and save the run (no arguments: the offline MiniLM / BBC News demo)",
         description="Fine-tune a backbone, keep the best epoch on dev, score the test split, and write the adapter, "
         "metrics.json and reliability.png to --output-dir.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     _add_model_and_data(train, defaults)
     train.add_argument("--output-dir", default=run.DEFAULT_OUTPUT_DIR, help="run folder to write")
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="train every method under every seed on one split and tabulate them",
         description="Run methods side by side (same backbone, same k-shot subset per seed) and write comparison.md "
         "(mean +- std over seeds), comparison.json and reliability diagrams to --output-dir.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     _add_model_and_data(compare, defaults)
     compare.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS),
@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except an unset one (None), whose help says what unset means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line naming the option and where help is (argparse prints the whole usage first)."""
 
@@ -136,7 +143,7 @@ def _add_reproduce(commands) -> None:
         description="Run the paper's section-4 studies (main, ablation, lr, missing, calibration, overhead) as one "
         "run folder per cell (finished cells are skipped, a killed cell is redone), then write results.md, figures "
         "and one JSON per study. --report rebuilds them from the run folders alone.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     reproduce.add_arguments(parser)
     parser.set_defaults(handler=reproduce.run_from_args)

@@ -249,3 +249,14 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, ner_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--method", "nonexistent"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "compare", "reproduce"])
+def test_help_shows_defaults_but_never_an_unset_none(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "(default: None)" not in help_text
+    if command in ("train", "compare"):
+        assert "(default: all)" in help_text and "(default: 16)" in help_text  # --dev-size; --batch-size
