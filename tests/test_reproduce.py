@@ -136,6 +136,30 @@ def test_bad_arguments_fail_before_training(tiny_backbone, relations, tmp_path, 
     assert not (tmp_path / "bad" / rp.CELLS_DIR).exists()
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--epochs", "0", "--epochs 0.0: must be a finite number > 0"),
+    ("--epochs", "nan", "--epochs nan: must be a finite number > 0"),
+    ("--patience", "0", "--patience 0: must be an integer >= 1"),
+    ("--batch-size", "-4", "--batch-size -4: must be an integer >= 1"),
+    ("--max-length", "0", "--max-length 0: must be an integer >= 1"),
+    ("--rank", "0", "--rank 0: must be an integer >= 1"),
+    ("--max-steps", "0", "--max-steps 0: must be an integer >= 1 or -1"),
+    ("--seeds", "-1", "--seeds -1: must be an integer between 0"),
+    ("--lr", "0", "--lr 0.0: the learning rate must be a finite number > 0"),
+    ("--tune-lrs", "5", "--tune-lrs 5.0: learning rates above 1 make training diverge"),
+    ("--learning-rates", "inf", "--learning-rates inf: the learning rate must be a finite number > 0"),
+    ("--overhead-epochs", "0", "--overhead-epochs 0.0: must be a finite number > 0"),
+    ("--threads", "0", "--threads must be at least 1"),
+    ("--dev-size", "0", "--dev-size must be a positive number of examples"),
+])
+def test_each_bad_option_value_is_one_line_before_any_cell(option, value, message, tmp_path, capsys):
+    """Checked when the invocation starts: a bad value would otherwise fail in every cell, one by one."""
+    assert main(["reproduce", "--datasets", "ploner", "--output-dir", str(tmp_path / "bad"), option, value]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Running, resuming, reporting
 # ------------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from . import checks
 from .verdict import task_metric, umema_verdict
 
 STUDIES = ("main", "ablation", "lr", "missing", "calibration", "overhead")
@@ -106,6 +107,27 @@ class TrainingSettings:
     max_steps: int = -1
     dev_size: int | None = None  # a fixed seeded subset of dev / test (smoke runs); None: the whole split
     test_size: int | None = None
+
+    def __post_init__(self):
+        """A bad value fails when the invocation starts, not once in every cell."""
+        _check_positive(self.epochs, "--epochs")
+        for name in ("patience", "batch_size", "max_length", "rank"):
+            checks.check_int(getattr(self, name), _option(name))
+        checks.check_int(self.max_steps, "--max-steps", also=(-1,))
+        for name in UNSET_IS_UNHASHED:
+            if getattr(self, name) is not None and not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise ValueError(f"{_option(name)} must be a positive number of examples, got {getattr(self, name)}; "
+                                 "leave it out to use the whole split.")
+
+
+def _option(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _check_positive(value: Any, option: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{checks.describe(option, value)}: must be a finite number > 0.")
+    return float(value)
 
 
 UNSET_IS_UNHASHED = ("dev_size", "test_size")
@@ -238,6 +260,16 @@ class Grid:
                 raise ValueError(f"--{name} repeats a value: {values}.")
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.shots):
             raise ValueError(f"shots must be positive integers, got {list(self.shots)}.")
+        for seed in self.seeds:
+            checks.check_seed(seed, "--seeds")
+        for name, option in (("tune_learning_rates", "--tune-lrs"), ("learning_rates", "--learning-rates")):
+            if not list(getattr(self, name)):
+                raise ValueError(f"{option} needs at least one value.")
+            for rate in getattr(self, name):
+                checks.check_learning_rate(rate, option)
+        if self.learning_rate is not None:
+            checks.check_learning_rate(self.learning_rate, "--lr")
+        _check_positive(self.overhead_epochs, "--overhead-epochs")
         if self.methods is not None:
             known = available_methods()
             unknown = sorted(set(self.methods) - set(known))
@@ -1430,7 +1462,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--datasets", nargs="+", default=list(PAPER_DATASETS), metavar="DATA",
                         help="benchmark names or paths")
     parser.add_argument("--shots", nargs="+", type=int, default=list(PAPER_SHOTS), help="training examples per cell")
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(PAPER_SEEDS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(PAPER_SEEDS), help="one cell per seed")
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
                         help="methods / ablation variants (lora, +um, +ema, umema, lora+ts, mcdropout, ...) instead "
                         "of each study's own")
@@ -1439,14 +1471,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch threads per cell (default: cores / jobs)")
     parser.add_argument("--lr", type=float, help="learning rate of every study but lr (default: chosen on dev for "
                         "LoRA from --tune-lrs)")
-    parser.add_argument("--tune-lrs", nargs="+", type=float, default=list(TUNE_LEARNING_RATES))
+    parser.add_argument("--tune-lrs", nargs="+", type=float, default=list(TUNE_LEARNING_RATES),
+                        help="learning rates plain LoRA is tried at on dev (seed 0, the largest shot count)")
     parser.add_argument("--learning-rates", nargs="+", type=float, default=list(PAPER_LEARNING_RATES),
                         help="the lr study's grid")
     parser.add_argument("--missing-rates", nargs="+", type=float, default=list(MISSING_RATES),
                         help="the missing study's word-drop rates")
     parser.add_argument("--epochs", type=float, default=defaults.epochs, help="most epochs (early stopping on dev)")
-    parser.add_argument("--patience", type=int, default=defaults.patience)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--patience", type=int, default=defaults.patience,
+                        help="stop after this many epochs without a better dev score")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="examples per optimizer step")
     parser.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per example")
     parser.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank")
     parser.add_argument("--max-steps", type=int, default=defaults.max_steps,
@@ -1476,10 +1510,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 0
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}.")
-    for name in ("dev_size", "test_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive number of examples, got "
-                             f"{getattr(args, name)}; leave it out to use the whole split.")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}; leave it out for cores / jobs.")
     settings = TrainingSettings(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
                                 max_length=args.max_length, rank=args.rank, max_steps=args.max_steps,
                                 dev_size=args.dev_size, test_size=args.test_size)
