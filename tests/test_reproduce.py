@@ -276,6 +276,18 @@ def test_report_rebuilds_tables_and_figures_from_the_folders_alone(grid_run, tmp
         assert f"figures/{name}" in markdown
 
 
+def test_grid_coverage_counts_at_the_learning_rate_most_cells_use():
+    """An invocation with another --lr adds a few cells; coverage still counts the grid at the rate most cells use."""
+    settings = rp.TrainingSettings()
+    cells = [rp.Cell("train", "minilm", "ploner", 1000, seed, "lora", 2e-3, 0.0, settings) for seed in (0, 1, 2)]
+    cells.append(rp.Cell("train", "minilm", "ploner", 1000, 0, "umema", 1e-3, 0.0, settings))  # planned last
+    view = rp.StudyView("ablation", {"cells": {cell.key: cell.to_dict() for cell in cells}},
+                        {cell.key: {} for cell in cells})
+    (coverage,) = rp.paper_grid_coverage(view).values()
+    assert coverage["finished_per_data_and_shots"]["ploner"][1000] == 3
+    assert coverage["finished"] == 3 and coverage["planned"] == 4 * 3 * 3 * 4
+
+
 def test_curves_and_a_second_invocation_in_the_same_folder(grid_run, tiny_backbone, relations):
     """lr and missing studies added later: shared cells are reused, curves drawn, plans merged."""
     _, output_dir = grid_run

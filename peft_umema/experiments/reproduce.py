@@ -1146,7 +1146,11 @@ def paper_grid_coverage(view: StudyView) -> dict:
     if view.study not in ("main", "ablation") or not cells:
         return {}
     settings = Counter(cell.settings for cell in cells).most_common(1)[0][0]
-    learning_rates = {(cell.backbone, cell.data): cell.learning_rate for cell in cells if cell.settings == settings}
+    rates = defaultdict(Counter)  # the learning rate most of a data set's cells use (invocations may differ)
+    for cell in cells:
+        if cell.settings == settings:
+            rates[cell.backbone, cell.data][cell.learning_rate] += 1
+    learning_rates = {pair: counts.most_common(1)[0][0] for pair, counts in rates.items()}
     datasets = _unique(cell.data for cell in cells)
     if set(datasets) & set(PAPER_DATASETS):
         datasets = list(PAPER_DATASETS) + [data for data in datasets if data not in PAPER_DATASETS]
