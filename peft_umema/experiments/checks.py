@@ -66,6 +66,13 @@ def check_int(value: Any, option: str, *, minimum: int = 1, maximum: Optional[in
     return value
 
 
+def check_positive(value: Any, option: str) -> float:
+    """A finite number > 0 (epochs, for instance)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{describe(option, value)}: must be a finite number > 0.")
+    return float(value)
+
+
 def check_seed(value: Any, option: str = "seed") -> int:
     return check_int(value, option, minimum=0, maximum=MAX_SEED)
 

@@ -110,24 +110,19 @@ class TrainingSettings:
 
     def __post_init__(self):
         """A bad value fails when the invocation starts, not once in every cell."""
-        _check_positive(self.epochs, "--epochs")
+        checks.check_positive(self.epochs, "--epochs")
         for name in ("patience", "batch_size", "max_length", "rank"):
             checks.check_int(getattr(self, name), _option(name))
         checks.check_int(self.max_steps, "--max-steps", also=(-1,))
         for name in UNSET_IS_UNHASHED:
-            if getattr(self, name) is not None and not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
-                raise ValueError(f"{_option(name)} must be a positive number of examples, got {getattr(self, name)}; "
-                                 "leave it out to use the whole split.")
+            size = getattr(self, name)
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+                raise ValueError(f"{_option(name)} must be a positive number of examples, got {size}; leave it out "
+                                 "to use the whole split.")
 
 
 def _option(field: str) -> str:
     return "--" + field.replace("_", "-")
-
-
-def _check_positive(value: Any, option: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{checks.describe(option, value)}: must be a finite number > 0.")
-    return float(value)
 
 
 UNSET_IS_UNHASHED = ("dev_size", "test_size")
@@ -269,7 +264,7 @@ class Grid:
                 checks.check_learning_rate(rate, option)
         if self.learning_rate is not None:
             checks.check_learning_rate(self.learning_rate, "--lr")
-        _check_positive(self.overhead_epochs, "--overhead-epochs")
+        checks.check_positive(self.overhead_epochs, "--overhead-epochs")
         if self.methods is not None:
             known = available_methods()
             unknown = sorted(set(self.methods) - set(known))
