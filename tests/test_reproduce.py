@@ -288,6 +288,15 @@ def test_grid_coverage_counts_at_the_learning_rate_most_cells_use():
     assert coverage["finished"] == 3 and coverage["planned"] == 4 * 3 * 3 * 4
 
 
+def test_one_seed_shows_its_value_without_a_spread():
+    """A single seed has no sample std: the table shows the value alone, the JSON null, not a "± 0.000"."""
+    one, two = rp._stats([0.8361]), rp._stats([0.80, 0.82, None])
+    assert one == {"mean": 0.8361, "std": None, "n": 1}
+    assert rp._cell_text(one) == "0.836"
+    assert rp._cell_text(one, expected=3) == "0.836 (1/3)"
+    assert two["n"] == 2 and rp._cell_text(two) == "0.810 ± 0.014"
+
+
 def test_curves_and_a_second_invocation_in_the_same_folder(grid_run, tiny_backbone, relations):
     """lr and missing studies added later: shared cells are reused, curves drawn, plans merged."""
     _, output_dir = grid_run
