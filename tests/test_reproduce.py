@@ -288,6 +288,24 @@ def test_grid_coverage_counts_at_the_learning_rate_most_cells_use():
     assert coverage["finished"] == 3 and coverage["planned"] == 4 * 3 * 3 * 4
 
 
+def test_a_cell_log_shows_each_line_while_the_cell_runs(monkeypatch, tmp_path):
+    """cell.log is written line by line: an hours-long cell's epoch lines can be followed (`tail -f`) as it runs."""
+    seen = []
+
+    def training_that_logs_an_epoch(*args, **kwargs):
+        print("{'loss': 1.0, 'epoch': 1.0}")
+        seen.append((folder / rp.LOG_NAME).read_text(encoding="utf-8"))
+        raise RuntimeError("stopped after one epoch")
+
+    monkeypatch.setattr(runs, "train", training_that_logs_an_epoch)
+    cell = rp.Cell("train", "minilm", "ploner", 16, 0, "lora", 2e-3, 0.0, rp.TrainingSettings())
+    folder = rp.cell_dir(tmp_path, cell)
+    outcome = rp.run_cell(cell, tmp_path)
+    assert outcome["status"] == "failed" and "stopped after one epoch" in outcome["error"]
+    assert seen == ["{'loss': 1.0, 'epoch': 1.0}\n"]
+    assert (folder / rp.ERROR_NAME).is_file() and rp.finished_record(folder) is None
+
+
 def test_one_seed_shows_its_value_without_a_spread():
     """A single seed has no sample std: the table shows the value alone, the JSON null, not a "± 0.000"."""
     one, two = rp._stats([0.8361]), rp._stats([0.80, 0.82, None])

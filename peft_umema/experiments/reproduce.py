@@ -525,7 +525,8 @@ def run_cell(cell: Cell, output_dir: Path, *, threads: int | None = None, keep_a
         method_options = smoke_method_options(cell)
         base_run = base_run_of(cell, output_dir)
         try:
-            with open(folder / LOG_NAME, "w", encoding="utf-8") as cell_log, \
+            # line-buffered, so that a long cell's per-epoch log lines can be followed while it runs
+            with open(folder / LOG_NAME, "w", encoding="utf-8", buffering=1) as cell_log, \
                     contextlib.redirect_stdout(cell_log), contextlib.redirect_stderr(cell_log), \
                     _registered(cell.method, method_options) as method, _Capture(method) as capture:
                 metrics = train(
