@@ -1309,6 +1309,12 @@ def _curve_section(view: StudyView, output_dir: Path, figures_dir: Path, axis: s
                         panel.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=variant_label(variant))
                 if axis == "learning_rate":
                     panel.set_xscale("log")
+                if len(values) > 1:  # the planned range, so that a panel with few finished cells still reads right
+                    low, high = (math.log(min(values)), math.log(max(values))) if axis == "learning_rate" \
+                        else (min(values), max(values))
+                    margin = 0.05 * (high - low)
+                    limits = (low - margin, high + margin)
+                    panel.set_xlim(*(map(math.exp, limits) if axis == "learning_rate" else limits))
                 panel.set_title(f"{_short_data(data)}")
                 panel.set_xlabel(label)
                 panel.set_ylabel(f"test {task_label}")
