@@ -126,6 +126,13 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tiny_backbone, relations, tm
     assert "Plan:" in printed and "ablation: 8 cells (8 to run)" in printed
     assert "overhead: 8 cells" in printed and "calibration: 16 cells" in printed
     assert not (output_dir / rp.CELLS_DIR).exists()
+    # tuning too: a dry run plans at seed 0 whatever --seeds says, and leaves no plan behind that would hold up
+    # the choice of learning rate until its cells ran
+    tuned = grid_command(tiny_backbone, [relations], output_dir, "--study", "ablation", "--seeds", "1", "2",
+                         "--dry-run")
+    assert main(tuned) == 0
+    assert "tune: 5 cells: lora at lr 0.0002, 0.0005, 0.001, 0.002, 0.005, 16 shots, seed 0;" in capsys.readouterr().out
+    assert not rp._plan_path(output_dir, rp.TUNE).exists()
 
 
 def test_bad_arguments_fail_before_training(tiny_backbone, relations, tmp_path, capsys):
@@ -195,7 +202,7 @@ def test_every_cell_is_a_finished_run_folder(grid_run):
     assert len(selection) == 2
     for key in ablation:
         cell = records[key]["cell"]
-        picked = next(value for (backbone, data, _), value in selection.items() if data == cell["data"])
+        picked = next(value for (backbone, data, *_), value in selection.items() if data == cell["data"])
         assert cell["learning_rate"] == picked["learning_rate"]
 
 
@@ -304,6 +311,40 @@ def test_a_cell_log_shows_each_line_while_the_cell_runs(monkeypatch, tmp_path):
     assert outcome["status"] == "failed" and "stopped after one epoch" in outcome["error"]
     assert seen == ["{'loss': 1.0, 'epoch': 1.0}\n"]
     assert (folder / rp.ERROR_NAME).is_file() and rp.finished_record(folder) is None
+
+
+def test_learning_rate_waits_for_every_tuning_rate_and_never_crosses_shot_counts(tmp_path):
+    """One rate per backbone, data set and shot count, chosen only once each tuning cell has finished or failed: a
+    rate still running elsewhere (or killed) might win, and a 200-shot dev score says nothing about 1000 shots."""
+    settings = rp.TrainingSettings()
+    lora_at = {(shots, lr): rp.Cell("train", "minilm", "ploner", shots, 0, "lora", lr, 0.0, settings)
+               for shots in (200, 1000) for lr in (1e-3, 2e-3)}
+    rp._add_to_plan(tmp_path, rp.TUNE, list(lora_at.values()), rp.Grid(datasets=("ploner",), shots=(200, 1000)))
+
+    def record(cell, dev_f1):
+        return {"cell": cell.to_dict(), "task_type": "TOKEN_CLS", "dev": {"f1": dev_f1}}
+
+    def finish(cell, dev_f1):
+        folder = rp.cell_dir(tmp_path, cell)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / rp.CELL_NAME).write_text(json.dumps({**record(cell, dev_f1), "key": cell.key}), encoding="utf-8")
+
+    finish(lora_at[200, 1e-3], 0.70)
+    finish(lora_at[1000, 1e-3], 0.86)
+    finish(lora_at[1000, 2e-3], 0.88)
+    waiting = rp.waiting_tuning_groups(tmp_path)
+    records = [record(lora_at[200, 1e-3], 0.70), record(lora_at[1000, 1e-3], 0.86), record(lora_at[1000, 2e-3], 0.88)]
+    selection = rp.select_learning_rates(records, waiting)
+    group = ("minilm", "ploner", 200, rp._settings_key(settings))
+    assert selection[group]["waiting"] and selection[group]["candidates"] == {1e-3: 0.70}
+    at_1000 = selection[("minilm", "ploner", 1000, rp._settings_key(settings))]
+    assert not at_1000["waiting"] and at_1000["learning_rate"] == 2e-3 and at_1000["candidates"] == {1e-3: 0.86, 2e-3: 0.88}
+    # the missing 200-shot rate fails: the choice is made from what finished
+    failed = rp.cell_dir(tmp_path, lora_at[200, 2e-3])
+    failed.mkdir(parents=True)
+    (failed / rp.ERROR_NAME).write_text("{}", encoding="utf-8")
+    assert rp.waiting_tuning_groups(tmp_path) == set()
+    assert rp.select_learning_rates(records)[group]["learning_rate"] == 1e-3
 
 
 def test_one_seed_shows_its_value_without_a_spread():

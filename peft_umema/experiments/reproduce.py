@@ -42,7 +42,7 @@ import shutil
 import time
 import traceback
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from .verdict import task_metric, umema_verdict
 
 STUDIES = ("main", "ablation", "lr", "missing", "calibration", "overhead")
 TUNE = "tune"  # the pseudo-study of the learning-rate selection cells
+TUNE_SEED = 0  # the seed of every tuning cell
 PAPER_DATASETS = ("20newsgroups", "semeval2010_task8", "wnut17", "ploner")
 PAPER_SHOTS = (200, 500, 1000)
 PAPER_SEEDS = (0, 1, 2)
@@ -278,9 +279,10 @@ class Grid:
 
 
 def tune_cells(grid: Grid) -> list[Cell]:
-    """LoRA at each tuning learning rate, seed 0 (the first seed), the largest shot count, missing rate 0."""
+    """LoRA at each tuning learning rate, seed `TUNE_SEED` whatever seeds the invocation asks for (so that the
+    choice does not depend on them), the largest shot count, missing rate 0."""
     return [
-        Cell("train", backbone, data, max(grid.shots), grid.seeds[0], "lora", lr, 0.0, grid.settings)
+        Cell("train", backbone, data, max(grid.shots), TUNE_SEED, "lora", lr, 0.0, grid.settings)
         for backbone in grid.backbones for data in grid.datasets for lr in grid.tune_learning_rates
     ]
 
@@ -695,20 +697,38 @@ def dev_score(record: dict) -> float | None:
     return None if value is None else float(value)
 
 
-def select_learning_rates(records: Iterable[dict]) -> dict[tuple, dict]:
-    """Per (backbone, data, settings): the tuning cell's learning rate with the best dev score."""
+def tuning_group(cell: dict) -> tuple:
+    """What one learning rate is chosen for: backbone, data set, shot count and training settings."""
+    return cell["backbone"], cell["data"], cell["shots"], _settings_key(cell["settings"])
+
+
+def select_learning_rates(records: Iterable[dict], waiting: Collection[tuple] = ()) -> dict[tuple, dict]:
+    """Per tuning group (`tuning_group`): the tuning cell's learning rate with the best dev score (ties: the
+    smaller rate). A group in `waiting` (a tuning cell of it has neither finished nor failed) is marked
+    ``"waiting": True``: its choice is not made yet, since a rate still running might win."""
     candidates: dict[tuple, list] = defaultdict(list)
     for record in records:
-        cell = record["cell"]
         score = dev_score(record)
         if score is not None:
-            key = (cell["backbone"], cell["data"], _settings_key(cell["settings"]))
-            candidates[key].append((cell["learning_rate"], score))
+            candidates[tuning_group(record["cell"])].append((record["cell"]["learning_rate"], score))
     selection = {}
     for key, scored in candidates.items():
         best_lr, best = max(sorted(scored), key=lambda pair: pair[1])
-        selection[key] = {"learning_rate": best_lr, "dev_score": best, "candidates": dict(sorted(scored))}
+        selection[key] = {"learning_rate": best_lr, "dev_score": best, "candidates": dict(sorted(scored)),
+                          "waiting": key in waiting}
     return selection
+
+
+def waiting_tuning_groups(output_dir: Path, cells: Sequence[Cell] | None = None) -> set[tuple]:
+    """The tuning groups with a cell that has neither finished nor failed (killed, or running elsewhere): among
+    `cells` (an invocation's own tuning cells), or every planned tuning cell (None, the report)."""
+    planned = read_plan(output_dir, TUNE)["cells"] if cells is None else {cell.key: cell.to_dict() for cell in cells}
+    waiting = set()
+    for key, cell in planned.items():
+        folder = output_dir / CELLS_DIR / key
+        if finished_record(folder) is None and not (folder / ERROR_NAME).is_file():
+            waiting.add(tuning_group(cell))
+    return waiting
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -799,20 +819,19 @@ def reproduce(
         if grid.learning_rate is not None:
             return lambda backbone, data: grid.learning_rate
         selection = select_learning_rates(
-            record for key, record in all_records(output_dir).items() if key in read_plan(output_dir, TUNE)["cells"]
+            (record for key, record in all_records(output_dir).items() if key in read_plan(output_dir, TUNE)["cells"]),
+            waiting_tuning_groups(output_dir, tuning),
         )
         settings_key = _settings_key(grid.settings)
 
         def chosen(backbone, data):
-            picked = selection.get((backbone, data, settings_key))
-            return None if picked is None else picked["learning_rate"]
+            picked = selection.get((backbone, data, max(grid.shots), settings_key))
+            return None if picked is None or picked["waiting"] else picked["learning_rate"]
 
         return chosen
 
     outcomes: list[dict] = []
     tuning = tune_cells(grid) if needs_tuning else []
-    if tuning:
-        _add_to_plan(output_dir, TUNE, tuning, grid)
     by_study = {study: study_cells(study, grid, chosen_lr_function()) for study in studies}
     pending = [(b, d) for b in grid.backbones for d in grid.datasets
                if needs_tuning and chosen_lr_function()(b, d) is None]
@@ -822,12 +841,14 @@ def reproduce(
                 "failed": [], "pending": pending}
 
     if tuning:
+        _add_to_plan(output_dir, TUNE, tuning, grid)  # after the dry run, which writes nothing
         log(f"Choosing the learning rate on dev: {len(tuning)} LoRA cells.")
         outcomes += run_cells(tuning, output_dir, jobs=jobs, threads=threads, keep_adapters=keep_adapters, log=log)
         by_study = {study: study_cells(study, grid, chosen_lr_function()) for study in studies}
         pending = [(b, d) for b in grid.backbones for d in grid.datasets if chosen_lr_function()(b, d) is None]
         for backbone, data in pending:
-            log(f"No learning rate chosen for {backbone} on {data} (its tuning cells failed): its cells wait.")
+            log(f"No learning rate chosen for {backbone} on {data} (its tuning cells failed, or still run "
+                "elsewhere): its cells wait.")
     for study, cells in by_study.items():
         _add_to_plan(output_dir, study, cells, grid)
     for study in set(by_study) | ({TUNE} if tuning else set()):
@@ -882,7 +903,7 @@ def _print_plan(log, output_dir: Path, tuning, by_study, grid: Grid, pending) ->
         f"{len(distinct) - len(done)} to run).")
     if tuning:
         log(f"  {TUNE}: {len(tuning)} cells: lora at lr {', '.join(map(_number_name, grid.tune_learning_rates))}, "
-            f"{max(grid.shots)} shots, seed {grid.seeds[0]}; the best dev score sets each data set's learning rate")
+            f"{max(grid.shots)} shots, seed {TUNE_SEED}; the best dev score sets each data set's learning rate")
     for study, cells in by_study.items():
         left = sum(cell not in done for cell in cells)
         variants = sorted({cell.variant for cell in cells}, key=lambda v: list(grid.methods_for(study)).index(v)
@@ -1247,24 +1268,30 @@ def _number_text(value, digits: int = 3) -> str:
 
 def _tune_section(view: StudyView, output_dir: Path, figures_dir: Path):
     finished = [record for _, record in view.finished()]
-    selection = select_learning_rates(finished)
+    selection = select_learning_rates(finished, waiting_tuning_groups(output_dir))
     rows, summary = [], []
-    for (backbone, data, settings), picked in sorted(selection.items()):
+    for (backbone, data, shots, settings), picked in sorted(selection.items()):
         candidates = ", ".join(f"{_number_name(lr)}: {score:.3f}" for lr, score in picked["candidates"].items())
-        chosen = next(r for r in finished if r["cell"]["backbone"] == backbone and r["cell"]["data"] == data
-                      and r["cell"]["learning_rate"] == picked["learning_rate"]
-                      and _settings_key(r["cell"]["settings"]) == settings)
+        if picked["waiting"]:
+            rows.append([backbone, _short_data(data), str(shots), "not yet (a tuning cell has not finished)",
+                         candidates, "–"])
+            summary.append({"backbone": backbone, "data": data, "shots": shots, "settings": json.loads(settings),
+                            **picked, "learning_rate": None})
+            continue
+        chosen = next(r for r in finished if tuning_group(r["cell"]) == (backbone, data, shots, settings)
+                      and r["cell"]["learning_rate"] == picked["learning_rate"])
         metric, label = task_metric(chosen["task_type"])
         test = chosen["test"].get(metric)
-        rows.append([backbone, _short_data(data), _number_name(picked["learning_rate"]), candidates,
+        rows.append([backbone, _short_data(data), str(shots), _number_name(picked["learning_rate"]), candidates,
                      f"{label} {test:.3f}" if test is not None else "–"])
-        summary.append({"backbone": backbone, "data": data, "settings": json.loads(settings), **picked,
-                        "test": chosen["test"], "task_metric": metric})
-    text = ("Does plain LoRA learn each task? LoRA alone, seed 0, the largest shot count; dev macro-F1 (sequence "
-            "tasks) or span F1 (token tasks) of the best epoch, per learning rate, and the test score at the chosen "
-            "one. The chosen rate is used by every method of every study but `lr`.\n\n")
-    return text + _table(["Backbone", "Data", "Chosen lr", "Dev score per lr", "Test at chosen lr"], rows), \
-        summary, []
+        summary.append({"backbone": backbone, "data": data, "shots": shots, "settings": json.loads(settings),
+                        **picked, "test": chosen["test"], "task_metric": metric})
+    text = ("Does plain LoRA learn each task? LoRA alone, seed 0, the largest shot count of the invocation; dev "
+            "macro-F1 (sequence tasks) or span F1 (token tasks) of the best epoch, per learning rate, and the test "
+            "score at the chosen one. The chosen rate is used by every method of every study but `lr` at that shot "
+            "count; one is chosen only once every tuning rate has finished.\n\n")
+    header = ["Backbone", "Data", "Shots", "Chosen lr", "Dev score per lr", "Test at chosen lr"]
+    return text + _table(header, rows), summary, []
 
 
 def _curve_section(view: StudyView, output_dir: Path, figures_dir: Path, axis: str):
