@@ -818,8 +818,9 @@ def reproduce(
     def chosen_lr_function():
         if grid.learning_rate is not None:
             return lambda backbone, data: grid.learning_rate
+        planned = read_plan(output_dir, TUNE)["cells"]
         selection = select_learning_rates(
-            (record for key, record in all_records(output_dir).items() if key in read_plan(output_dir, TUNE)["cells"]),
+            (record for key, record in all_records(output_dir).items() if key in planned),
             waiting_tuning_groups(output_dir, tuning),
         )
         settings_key = _settings_key(grid.settings)
@@ -832,9 +833,9 @@ def reproduce(
 
     outcomes: list[dict] = []
     tuning = tune_cells(grid) if needs_tuning else []
-    by_study = {study: study_cells(study, grid, chosen_lr_function()) for study in studies}
-    pending = [(b, d) for b in grid.backbones for d in grid.datasets
-               if needs_tuning and chosen_lr_function()(b, d) is None]
+    chosen_lr = chosen_lr_function()
+    by_study = {study: study_cells(study, grid, chosen_lr) for study in studies}
+    pending = [(b, d) for b in grid.backbones for d in grid.datasets if needs_tuning and chosen_lr(b, d) is None]
     _print_plan(log, output_dir, tuning, by_study, grid, pending)
     if dry_run:
         return {"planned": sum(map(len, by_study.values())) + len(tuning), "ran": 0, "skipped": 0,
@@ -844,8 +845,9 @@ def reproduce(
         _add_to_plan(output_dir, TUNE, tuning, grid)  # after the dry run, which writes nothing
         log(f"Choosing the learning rate on dev: {len(tuning)} LoRA cells.")
         outcomes += run_cells(tuning, output_dir, jobs=jobs, threads=threads, keep_adapters=keep_adapters, log=log)
-        by_study = {study: study_cells(study, grid, chosen_lr_function()) for study in studies}
-        pending = [(b, d) for b in grid.backbones for d in grid.datasets if chosen_lr_function()(b, d) is None]
+        chosen_lr = chosen_lr_function()  # again, now that the tuning cells have run
+        by_study = {study: study_cells(study, grid, chosen_lr) for study in studies}
+        pending = [(b, d) for b in grid.backbones for d in grid.datasets if chosen_lr(b, d) is None]
         for backbone, data in pending:
             log(f"No learning rate chosen for {backbone} on {data} (its tuning cells failed, or still run "
                 "elsewhere): its cells wait.")
