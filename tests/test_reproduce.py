@@ -378,6 +378,12 @@ def test_curves_and_a_second_invocation_in_the_same_folder(grid_run, tiny_backbo
     assert invocations[-1]["command"].startswith("peft-umema reproduce --study lr missing")
 
 
+def _overhead_row(markdown: str, variant: str) -> list[str]:
+    rows = [line for line in markdown.splitlines() if line.startswith(f"| {variant} |")]
+    assert len(rows) == 1, rows
+    return [cell.strip() for cell in rows[0].strip("|").split("|")]
+
+
 def test_overhead_cells_run_alone_in_fresh_processes(tiny_backbone, relations, tmp_path):
     output_dir = tmp_path / "overhead"
     assert main(grid_command(tiny_backbone, [relations], output_dir, "--study", "overhead", "--methods", "lora",
@@ -387,10 +393,14 @@ def test_overhead_cells_run_alone_in_fresh_processes(tiny_backbone, relations, t
     for record in records:
         assert record["cell"]["kind"] == "overhead" and record["memory"]["fresh_process"] is True
         assert record["timings"]["train_seconds_per_epoch"] > 0
+        load = record["machine_load"]
+        assert load["cpus"] == os.cpu_count() and load["load_1min_at_start"] >= 0 and load["load_1min_at_end"] >= 0
     by_variant = {record["cell"]["variant"]: record for record in records}
     assert by_variant["umema"]["trainable_parameters"] > by_variant["lora"]["trainable_parameters"]
     markdown = (output_dir / "report" / "results.md").read_text()
-    assert "Train s / epoch" in markdown and "Peak memory (MiB)" in markdown
+    assert "Train s / epoch" in markdown and "Peak memory (MiB)" in markdown and "Machine load at end" in markdown
+    shown_load = float(_overhead_row(markdown, "UMEMA")[-1])  # one seed: its value, to one decimal
+    assert abs(shown_load - by_variant["umema"]["machine_load"]["load_1min_at_end"]) <= 0.051
     chart = output_dir / "report" / "figures" / f"overhead_{Path(tiny_backbone).name}.png"
     assert chart.read_bytes().startswith(PNG_SIGNATURE)
 

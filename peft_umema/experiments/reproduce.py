@@ -522,6 +522,7 @@ def run_cell(cell: Cell, output_dir: Path, *, threads: int | None = None, keep_a
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         rss_at_start = _current_rss()
+        load_at_start = os.getloadavg()[0]
         started, started_at = time.perf_counter(), _now()
         settings = cell.settings
         method_options = smoke_method_options(cell)
@@ -582,6 +583,9 @@ def run_cell(cell: Cell, output_dir: Path, *, threads: int | None = None, keep_a
                 "rss_at_start_bytes": int(rss_at_start),
                 "fresh_process": os.environ.get("PEFT_UMEMA_CELL_WORKER") == "1",
             },
+            # how busy the whole machine was, since other processes slow a cell down without it knowing
+            "machine_load": {"cpus": os.cpu_count(), "load_1min_at_start": round(load_at_start, 2),
+                             "load_1min_at_end": round(os.getloadavg()[0], 2)},
             "log_history": capture.log_history,
             "threads": torch.get_num_threads(),
             "started_at": started_at,
@@ -1433,15 +1437,18 @@ def _overhead_section(view: StudyView, output_dir: Path, figures_dir: Path):
                 params = _stats([r["trainable_parameters"] for r in group])
                 epoch = _stats([r["timings"].get("train_seconds_per_epoch") for r in group])
                 memory = _stats([r["memory"]["peak_bytes"] / 2**20 for r in group])
+                load = _stats([r.get("machine_load", {}).get("load_1min_at_end") for r in group])
                 if variant == "lora":
                     reference = epoch
                 ratio = (f"{epoch['mean'] / reference['mean']:.2f}x"
                          if epoch and reference and reference["mean"] else "–")
                 rows.append([variant_label(variant), f"{params['mean']:,.0f}" if params else "–",
-                             _cell_text(epoch, digits=1), ratio, _cell_text(memory, digits=0)])
+                             _cell_text(epoch, digits=1), ratio, _cell_text(memory, digits=0),
+                             _cell_text(load, digits=1)])
                 summary.append({"backbone": backbone, "data": data, "variant": variant, "trainable_parameters": params,
                                 "train_seconds_per_epoch": epoch, "peak_memory_mib": memory,
-                                "memory_measure": group[0]["memory"]["what"] if group else None})
+                                "memory_measure": group[0]["memory"]["what"] if group else None,
+                                "machine_load_1min_at_end": load})
                 if params and epoch and memory:
                     panel.scatter([params["mean"]], [epoch["mean"]], s=max(memory["mean"] / 4, 20), alpha=0.5,
                                   label=f"{variant_label(variant)} ({memory['mean']:.0f} MiB)")
@@ -1453,7 +1460,8 @@ def _overhead_section(view: StudyView, output_dir: Path, figures_dir: Path):
             panel.grid(alpha=0.3)
             if panel.get_legend_handles_labels()[0]:
                 panel.legend(fontsize=7, title="bubble: peak memory", title_fontsize=7)
-            header = ["Variant", "Trainable params", "Train s / epoch", "x LoRA", "Peak memory (MiB)"]
+            header = ["Variant", "Trainable params", "Train s / epoch", "x LoRA", "Peak memory (MiB)",
+                      "Machine load at end"]
             parts.append(f"**{backbone}, {_short_data(data)}, {chosen[0].shots} shots**\n\n" + _table(header, rows))
         figure.suptitle(f"{backbone}: overhead (bubble area = peak memory)")
         path = figures_dir / f"overhead_{_safe(backbone)}.png"
@@ -1461,7 +1469,10 @@ def _overhead_section(view: StudyView, output_dir: Path, figures_dir: Path):
         figures.append(path)
     note = ("Time per epoch: the Trainer's training time less its dev evaluations, over one epoch; memory: "
             "`torch.cuda.max_memory_allocated` on a GPU, else the peak resident set of the cell's own process "
-            "(the Python process, libraries and data included). Each overhead cell runs alone.\n\n")
+            "(the Python process, libraries and data included). Each overhead cell runs alone within its "
+            "invocation; machine load is the 1-minute load average of the whole machine as the cell ended, which "
+            "shows whether other processes shared it (compare it with the machine's CPU count; a cell's own "
+            "training counts about its threads).\n\n")
     return note + ("\n\n".join(parts) if parts else "No cells planned."), summary, figures
 
 
