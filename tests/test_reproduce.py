@@ -378,8 +378,8 @@ def test_curves_and_a_second_invocation_in_the_same_folder(grid_run, tiny_backbo
     assert invocations[-1]["command"].startswith("peft-umema reproduce --study lr missing")
 
 
-def _overhead_row(markdown: str, variant: str) -> list[str]:
-    rows = [line for line in markdown.splitlines() if line.startswith(f"| {variant} |")]
+def _table_row(markdown: str, first: str) -> list[str]:
+    rows = [line for line in markdown.splitlines() if line.startswith(f"| {first} |")]
     assert len(rows) == 1, rows
     return [cell.strip() for cell in rows[0].strip("|").split("|")]
 
@@ -399,7 +399,7 @@ def test_overhead_cells_run_alone_in_fresh_processes(tiny_backbone, relations, t
     assert by_variant["umema"]["trainable_parameters"] > by_variant["lora"]["trainable_parameters"]
     markdown = (output_dir / "report" / "results.md").read_text()
     assert "Train s / epoch" in markdown and "Peak memory (MiB)" in markdown and "Machine load at end" in markdown
-    shown_load = float(_overhead_row(markdown, "UMEMA")[-1])  # one seed: its value, to one decimal
+    shown_load = float(_table_row(markdown, "UMEMA")[-1])  # one seed: its value, to one decimal
     assert abs(shown_load - by_variant["umema"]["machine_load"]["load_1min_at_end"]) <= 0.051
     chart = output_dir / "report" / "figures" / f"overhead_{Path(tiny_backbone).name}.png"
     assert chart.read_bytes().startswith(PNG_SIGNATURE)
@@ -533,6 +533,27 @@ def test_umema_verdict_compares_the_same_seeds_against_each_bar():
     assert umema_verdict({variant: {seed: test} for (variant, seed), test in token_tests.items()}, "TOKEN_CLS") == (
         "UMEMA against its bars (seeds 0): Span F1 0.490 vs LoRA - 0.5 pt 0.495 ✗; "
         "entity-token ECE 0.150 vs LoRA + TS 0.100 ✗.")
+
+
+def test_at_a_glance_says_which_bars_umema_misses_and_which_method_calibrates_best():
+    lora = {"accuracy": 0.800, "ece": 0.10, "nll": 0.60, "auroc_error": 0.80, "aurc": 0.050}
+    tests = {
+        ("lora", 0): lora, ("lora", 1): {**lora, "accuracy": 0.780},
+        ("lora+ts", 0): {**lora, "ece": 0.03, "nll": 0.55}, ("lora+ts", 1): {**lora, "ece": 0.03, "nll": 0.55},
+        ("umema", 0): {"accuracy": 0.810, "ece": 0.04, "nll": 0.50, "auroc_error": 0.81, "aurc": 0.045},
+        ("umema", 1): {"accuracy": 0.800, "ece": 0.04, "nll": 0.50, "auroc_error": 0.81, "aurc": 0.045},
+        ("laplace", 0): {**lora, "ece": 0.01},  # one seed only: the lowest ECE, and the table says of how many
+    }
+    view, _ = _verdict_view(tests)
+    glance = rp._at_a_glance(view)
+    assert glance.startswith("## At a glance") and "UMEMA clears every bar on 0 of the 1 rows" in glance
+    row = _table_row(glance, "tiny")
+    assert row[1:4] == ["data", "1000", "0, 1"]
+    assert row[4] == "Accuracy 0.805 / 0.790 (+1.5 pt)"
+    assert row[5] == "0.040 / 0.030" and row[6] == "laplace 0.010 (1 seed)"
+    assert row[7] == "5 of 6" and row[8] == "ECE 0.040 vs LoRA + TS 0.030 ✗"
+    view, _ = _verdict_view({key: value for key, value in tests.items() if key[0] != "lora+ts"})
+    assert rp._at_a_glance(view) == ""  # nothing to compare with, no section
 
 
 def test_evaluation_subsets_bound_smoke_cells_and_leave_other_keys_unchanged(tiny_backbone, relations, tmp_path):

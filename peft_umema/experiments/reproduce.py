@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from . import checks
-from .verdict import task_metric, umema_verdict
+from .verdict import SCORE_TOLERANCE, task_metric, umema_checks, umema_verdict
 
 STUDIES = ("main", "ablation", "lr", "missing", "calibration", "overhead")
 TUNE = "tune"  # the pseudo-study of the learning-rate selection cells
@@ -1019,7 +1019,9 @@ def report(
         sections.append(_section_header(view, documents[study]) + markdown
                         + (f"\n\nFigures:{figure_links}\n" if figures else "\n"))
     header = _report_header(records, studies, output_dir, protocol_dir, link)
-    results_md.write_text(header + "\n".join(sections), encoding="utf-8")
+    glance = _at_a_glance(StudyView("calibration", read_plan(output_dir, "calibration"), records)) \
+        if "calibration" in studies else ""
+    results_md.write_text(header + glance + "\n".join(sections), encoding="utf-8")
     log(f"Wrote {results_md}, {len(documents)} study JSON files in {protocol_dir} and figures in {figures_dir}.")
     return documents
 
@@ -1410,14 +1412,61 @@ def _calibration_section(view: StudyView, output_dir: Path, figures_dir: Path):
     return "\n\n".join(parts) if parts else "No cells planned.", summary, figures
 
 
-def _umema_verdict(view: StudyView, chosen: Sequence[Cell]) -> str:
-    """`verdict.umema_verdict` over one data set's finished cells."""
+def _umema_tests(view: StudyView, chosen: Sequence[Cell]) -> tuple[dict, str | None]:
+    """Method -> seed -> test metrics of one data set's finished cells, and their task type (None: none)."""
     tests = defaultdict(dict)
     for cell in chosen:
         if cell.key in view.records:
             tests[cell.variant][cell.seed] = view.records[cell.key]["test"]
     task_types = [view.records[cell.key]["task_type"] for cell in chosen if cell.key in view.records]
-    return umema_verdict(tests, task_types[0]) if task_types else ""
+    return tests, (task_types[0] if task_types else None)
+
+
+def _umema_verdict(view: StudyView, chosen: Sequence[Cell]) -> str:
+    """`verdict.umema_verdict` over one data set's finished cells."""
+    tests, task_type = _umema_tests(view, chosen)
+    return umema_verdict(tests, task_type) if task_type else ""
+
+
+def _at_a_glance(view: StudyView) -> str:
+    """The calibration study in one table, first in `results.md`: per backbone and data set, UMEMA's score against
+    LoRA's, its ECE against LoRA + TS's, and which of its bars (`verdict.umema_checks`) it clears and misses."""
+    rows, cleared_everywhere = [], 0
+    for backbone in _unique(cell.backbone for cell in view.cells):
+        for data in _unique(cell.data for cell in view.cells if cell.backbone == backbone):
+            chosen = [cell for cell in view.cells if cell.backbone == backbone and cell.data == data]
+            tests, task_type = _umema_tests(view, chosen)
+            seeds, checks = umema_checks(tests, task_type) if task_type else ([], [])
+            if not checks:
+                continue
+            metric, label = task_metric(task_type)
+            score, lora = (_stats([tests[name][seed].get(metric) for seed in seeds]) for name in ("umema", "lora"))
+            score_text = "–"
+            if score and lora and score["n"] == lora["n"] == len(seeds):
+                difference = (score["mean"] - lora["mean"]) * 100
+                score_text = f"{label} {score['mean']:.3f} / {lora['mean']:.3f} ({difference:+.1f} pt)"
+            ece = next((item for item in checks if item.name == "ECE"), None)
+            lowest = min(((stats["mean"], variant, stats["n"]) for variant in tests
+                          if (stats := _stats([test.get("ece") for test in tests[variant].values()]))), default=None)
+            missed = [item for item in checks if not item.passed]
+            cleared_everywhere += not missed
+            rows.append([backbone, _short_data(data), str(chosen[0].shots), ", ".join(map(str, seeds)),
+                         score_text,
+                         f"{ece.mine:.3f} / {ece.bar:.3f}" if ece else "–",
+                         f"{variant_label(lowest[1])} {lowest[0]:.3f} ({lowest[2]} seed{'s' * (lowest[2] != 1)})" if lowest else "–",
+                         f"{len(checks) - len(missed)} of {len(checks)}",
+                         "; ".join(str(item) for item in missed) or "none"])
+    if not rows:
+        return ""
+    header = ["Backbone", "Data", "Shots", "Seeds", "Score: UMEMA / LoRA", "ECE: UMEMA / LoRA + TS",
+              "Lowest ECE, any method", "Bars cleared", "Bars missed"]
+    return ("## At a glance: UMEMA against LoRA and LoRA + temperature scaling\n\n"
+            f"UMEMA clears every bar on {cleared_everywhere} of the {len(rows)} rows (backbone and data set). "
+            f"Its bars: ECE and NLL at most LoRA + TS's, the task score at least LoRA's less {SCORE_TOLERANCE * 100:.1f} pt, "
+            "errors ranked by its own confidence at least as well as by LoRA's softmax and by its own softmax "
+            "(error AUROC; AURC against LoRA's), and entity-token ECE at most LoRA + TS's on token tasks; means over "
+            "the seeds all three methods finished, from the calibration study below.\n\n"
+            + _table(header, rows) + "\n\n")
 
 
 def _overhead_section(view: StudyView, output_dir: Path, figures_dir: Path):

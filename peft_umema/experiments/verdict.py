@@ -1,9 +1,11 @@
 """UMEMA against the bars it has to clear to be worth choosing over LoRA: at least LoRA + temperature scaling's
 calibration (ECE, NLL), LoRA's accuracy less half a point, and errors detected at least as well as by the softmax.
-One line for `compare`'s table and for each calibration table of `reproduce --report`."""
+One line for `compare`'s table and for each calibration table of `reproduce --report`, and the rows of the report's
+summary."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
@@ -18,17 +20,31 @@ def task_metric(task_type: str) -> tuple[str, str]:
     return ("accuracy", "Accuracy") if task_type == "SEQ_CLS" else ("f1", "Span F1")
 
 
-def umema_verdict(tests: Mapping[str, Mapping[int, dict]], task_type: str) -> str:
-    """`tests`: method -> seed -> test metrics. Means over the seeds that every compared method has, so that no bar
-    compares different seeds; "" when a compared method has none."""
+@dataclasses.dataclass(frozen=True)
+class BarCheck:
+    """UMEMA's mean against one bar: `name` (e.g. "ECE"), `bar_name` (whose number the bar is)."""
+
+    name: str
+    mine: float
+    bar: float
+    bar_name: str
+    passed: bool
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.mine:.3f} vs {self.bar_name} {self.bar:.3f} {'✓' if self.passed else '✗'}"
+
+
+def umema_checks(tests: Mapping[str, Mapping[int, dict]], task_type: str) -> tuple[list[int], list[BarCheck]]:
+    """`tests`: method -> seed -> test metrics. The seeds every compared method has and UMEMA's means over them
+    against each bar, so that no bar compares different seeds; ([], []) when a compared method has none."""
     # torch comes with it; the report imports this module at start-up
     from .methods import own_confidence_score
 
     if not all(tests.get(name) for name in COMPARED):
-        return ""
+        return [], []
     seeds = sorted(set.intersection(*(set(tests[name]) for name in COMPARED)))
     if not seeds:
-        return ""
+        return [], []
     metric, label = task_metric(task_type)
 
     def mean(method, key, own=False):
@@ -40,8 +56,7 @@ def umema_verdict(tests: Mapping[str, Mapping[int, dict]], task_type: str) -> st
     def check(name, mine, bar, higher_is_better, bar_name):
         if mine is None or bar is None:
             return None
-        ok = mine >= bar if higher_is_better else mine <= bar
-        return f"{name} {mine:.3f} vs {bar_name} {bar:.3f} {'✓' if ok else '✗'}"
+        return BarCheck(name, mine, bar, bar_name, mine >= bar if higher_is_better else mine <= bar)
 
     lora_score = mean("lora", metric)
     checks = [
@@ -58,7 +73,13 @@ def umema_verdict(tests: Mapping[str, Mapping[int, dict]], task_type: str) -> st
         check("AURC", mean("umema", "aurc", own=True), mean("lora", "aurc"), False, "LoRA's softmax"),
         check("entity-token ECE", mean("umema", "entity_ece"), mean("lora+ts", "entity_ece"), False, "LoRA + TS"),
     ]
-    checks = [text for text in checks if text]
+    return seeds, [item for item in checks if item]
+
+
+def umema_verdict(tests: Mapping[str, Mapping[int, dict]], task_type: str) -> str:
+    """`umema_checks` as one line; "" when there is nothing to compare."""
+    seeds, checks = umema_checks(tests, task_type)
     if not checks:
         return ""
-    return f"UMEMA against its bars (seeds {', '.join(map(str, seeds))}): " + "; ".join(checks) + "."
+    return (f"UMEMA against its bars (seeds {', '.join(map(str, seeds))}): "
+            + "; ".join(map(str, checks)) + ".")
