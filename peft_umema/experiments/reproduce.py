@@ -1502,13 +1502,19 @@ def _overhead_section(view: StudyView, output_dir: Path, figures_dir: Path):
                     panel.scatter([params["mean"]], [epoch["mean"]], s=max(memory["mean"] / 4, 20), alpha=0.5,
                                   label=f"{variant_label(variant)} ({memory['mean']:.0f} MiB)")
                     panel.annotate(variant_label(variant), (params["mean"], epoch["mean"]), fontsize=8)
-            panel.set_xscale("log")
+            if panel.get_legend_handles_labels()[0]:
+                panel.set_xscale("log")
+                panel.margins(y=0.2)
+                panel.set_ylim(bottom=0)  # from zero, so that the gaps between variants read at their true size
+                panel.legend(fontsize=7, title="bubble: peak memory", title_fontsize=7)
+            else:
+                panel.text(0.5, 0.5, "no finished cells", transform=panel.transAxes, ha="center", va="center")
+                panel.set_xticks([])
+                panel.set_yticks([])
             panel.set_xlabel("trainable parameters")
             panel.set_ylabel("train time per epoch (s)")
             panel.set_title(_short_data(data))
             panel.grid(alpha=0.3)
-            if panel.get_legend_handles_labels()[0]:
-                panel.legend(fontsize=7, title="bubble: peak memory", title_fontsize=7)
             header = ["Variant", "Trainable params", "Train s / epoch", "x LoRA", "Peak memory (MiB)",
                       "Machine load at end"]
             parts.append(f"**{backbone}, {_short_data(data)}, {chosen[0].shots} shots**\n\n" + _table(header, rows))
