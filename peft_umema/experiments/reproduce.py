@@ -1281,8 +1281,9 @@ def _tune_section(view: StudyView, output_dir: Path, figures_dir: Path):
     for (backbone, data, shots, settings), picked in sorted(selection.items()):
         candidates = ", ".join(f"{_number_name(lr)}: {score:.3f}" for lr, score in picked["candidates"].items())
         if picked["waiting"]:
-            rows.append([backbone, _short_data(data), str(shots), "not yet (a tuning cell has not finished)",
-                         candidates, "–"])
+            rows.append([backbone, _short_data(data), str(shots),
+                         "not yet (a tuning cell has not finished; until then other studies run here only at a fixed "
+                         "`--lr`)", candidates, "–"])
             summary.append({"backbone": backbone, "data": data, "shots": shots, "settings": json.loads(settings),
                             **picked, "learning_rate": None})
             continue
