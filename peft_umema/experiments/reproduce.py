@@ -1449,12 +1449,15 @@ def _at_a_glance(view: StudyView) -> str:
             ece = next((item for item in checks if item.name == "ECE"), None)
             lowest = min(((stats["mean"], variant, stats["n"]) for variant in tests
                           if (stats := _stats([test.get("ece") for test in tests[variant].values()]))), default=None)
+            lowest_text = "–"
+            if lowest:
+                lowest_text = f"{variant_label(lowest[1])} {lowest[0]:.3f} ({lowest[2]} seed{'s' * (lowest[2] != 1)})"
             missed = [item for item in checks if not item.passed]
             cleared_everywhere += not missed
             rows.append([backbone, _short_data(data), str(chosen[0].shots), ", ".join(map(str, seeds)),
                          score_text,
                          f"{ece.mine:.3f} / {ece.bar:.3f}" if ece else "–",
-                         f"{variant_label(lowest[1])} {lowest[0]:.3f} ({lowest[2]} seed{'s' * (lowest[2] != 1)})" if lowest else "–",
+                         lowest_text,
                          f"{len(checks) - len(missed)} of {len(checks)}",
                          "; ".join(str(item) for item in missed) or "none"])
     if not rows:
@@ -1463,7 +1466,8 @@ def _at_a_glance(view: StudyView) -> str:
               "Lowest ECE, any method", "Bars cleared", "Bars missed"]
     return ("## At a glance: UMEMA against LoRA and LoRA + temperature scaling\n\n"
             f"UMEMA clears every bar on {cleared_everywhere} of the {len(rows)} rows (backbone and data set). "
-            f"Its bars: ECE and NLL at most LoRA + TS's, the task score at least LoRA's less {SCORE_TOLERANCE * 100:.1f} pt, "
+            f"Its bars: ECE and NLL at most LoRA + TS's, the task score at least LoRA's less "
+            f"{SCORE_TOLERANCE * 100:.1f} pt, "
             "errors ranked by its own confidence at least as well as by LoRA's softmax and by its own softmax "
             "(error AUROC; AURC against LoRA's), and entity-token ECE at most LoRA + TS's on token tasks; means over "
             "the seeds all three methods finished, from the calibration study below.\n\n"
