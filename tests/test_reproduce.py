@@ -245,6 +245,7 @@ def test_report_rebuilds_tables_and_figures_from_the_folders_alone(grid_run, tmp
     for title in ("## Learning rate chosen on dev", "## Ablation (`ablation`)", "## Calibration"):
         assert title in markdown
     assert "Accuracy / ECE" in markdown and "Span F1 / ECE" in markdown
+    assert "## At a glance" not in markdown  # no LoRA + TS cell to weigh UMEMA against, so no summary
     ablation = markdown.split("## Ablation")[1].split("## Calibration")[0]
     score_table, *per_data = ablation.split("test (mean ± std over seeds; error AUROC of the method's own")
     rows = [line for line in score_table.splitlines() if line.startswith(("| LoRA", "| UMEMA"))]
