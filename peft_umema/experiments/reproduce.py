@@ -1008,9 +1008,9 @@ def report(
     def link(path: Path) -> str:
         return Path(os.path.relpath(path, results_md.parent)).as_posix()
 
-    sections, documents = [], {}
+    sections, documents, views = [], {}, {}
     for study in studies:
-        view = StudyView(study, read_plan(output_dir, study), records)
+        view = views[study] = StudyView(study, read_plan(output_dir, study), records)
         builder = _SECTION_BUILDERS[study]
         markdown, summary, figures = builder(view, output_dir, figures_dir)
         documents[study] = _study_document(view, summary, figures, output_dir)
@@ -1019,8 +1019,7 @@ def report(
         sections.append(_section_header(view, documents[study]) + markdown
                         + (f"\n\nFigures:{figure_links}\n" if figures else "\n"))
     header = _report_header(records, studies, output_dir, protocol_dir, link)
-    glance = _at_a_glance(StudyView("calibration", read_plan(output_dir, "calibration"), records)) \
-        if "calibration" in studies else ""
+    glance = _at_a_glance(views["calibration"]) if "calibration" in views else ""
     results_md.write_text(header + glance + "\n".join(sections), encoding="utf-8")
     log(f"Wrote {results_md}, {len(documents)} study JSON files in {protocol_dir} and figures in {figures_dir}.")
     return documents
