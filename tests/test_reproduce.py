@@ -296,6 +296,29 @@ def test_grid_coverage_counts_at_the_learning_rate_most_cells_use():
     assert coverage["finished"] == 3 and coverage["planned"] == 4 * 3 * 3 * 4
 
 
+def test_cells_whose_dev_score_never_moved_are_named_in_the_report():
+    """A model that never changed its dev score (no spans found) is listed, so its zero is not read as the method's."""
+    settings = rp.TrainingSettings()
+    stuck, learnt, single = (rp.Cell("train", "minilm", "wnut17", 500, seed, "lora", 1e-3, 0.0, settings)
+                             for seed in (0, 1, 2))
+    def record(dev_scores, test_f1):
+        return {"task_type": "TOKEN_CLS", "test": {"f1": test_f1}, "epochs_trained": float(len(dev_scores)),
+                "log_history": [{"loss": 1.0, "epoch": 1.0}]
+                + [{"eval_f1": score, "epoch": float(epoch)} for epoch, score in enumerate(dev_scores, 1)]}
+    records = {stuck.key: record([0.0, 0.0, 0.0], 0.0), learnt.key: record([0.0, 0.1, 0.3], 0.31),
+               single.key: record([0.2], 0.2)}  # one evaluation: nothing to say it never moved
+    view = rp.StudyView("ablation", {"cells": {cell.key: cell.to_dict() for cell in (stuck, learnt, single)}},
+                        records)
+    (flat,) = rp.flat_dev_cells(view)
+    assert flat["key"] == stuck.key and flat["evaluations"] == 3 and flat["test_score"] == 0.0
+    text = rp._flat_dev_text(view)
+    assert "Cells that never improved on dev** (1)" in text
+    assert f"`{stuck.key}`: dev f1 0.000 at all 3 evaluations, 3 epochs trained; test 0.000" in text
+    assert learnt.key not in text and single.key not in text
+    del records[stuck.key]
+    assert rp._flat_dev_text(view) == ""
+
+
 def test_a_cell_log_shows_each_line_while_the_cell_runs(monkeypatch, tmp_path):
     """cell.log is written line by line: an hours-long cell's epoch lines can be followed (`tail -f`) as it runs."""
     seen = []

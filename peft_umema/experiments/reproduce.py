@@ -1013,6 +1013,7 @@ def report(
         view = views[study] = StudyView(study, read_plan(output_dir, study), records)
         builder = _SECTION_BUILDERS[study]
         markdown, summary, figures = builder(view, output_dir, figures_dir)
+        markdown += _flat_dev_text(view)
         documents[study] = _study_document(view, summary, figures, output_dir)
         _write_json_atomically(protocol_dir / f"{study}.json", documents[study])
         figure_links = "".join(f"\n- [{path.name}]({link(path)})" for path in figures)
@@ -1056,9 +1057,39 @@ def _study_document(view: StudyView, summary: Any, figures: list[Path], output_d
         "cell_seconds": round(sum(entry.get("timings", {}).get("wall_seconds", 0) for entry in cells), 1),
         "summary": summary,
         **({"paper_grid": paper_grid_coverage(view)} if view.study in ("main", "ablation") else {}),
+        "flat_dev_cells": flat_dev_cells(view),
         "figures": [path.name for path in figures],
         "cells": cells,
     }
+
+
+def flat_dev_cells(view: StudyView) -> list[dict]:
+    """Finished training cells whose dev task score was the same at every evaluation: the model never changed
+    how well it predicts (a token model that found no spans, a sentence model stuck on one class), so early
+    stopping ended it without it having learnt; their test scores say so, not what the method can reach."""
+    flat = []
+    for cell, record in view.finished():
+        if cell.kind != "train":
+            continue
+        metric, _ = task_metric(record["task_type"])
+        scores = [entry[f"eval_{metric}"] for entry in record.get("log_history", ()) if f"eval_{metric}" in entry]
+        if len(scores) >= 2 and max(scores) - min(scores) <= 1e-12:
+            flat.append({"key": cell.key, "task_metric": metric, "dev_score": scores[0], "evaluations": len(scores),
+                         "epochs_trained": record.get("epochs_trained"), "test_score": record["test"].get(metric)})
+    return flat
+
+
+def _flat_dev_text(view: StudyView) -> str:
+    flat = flat_dev_cells(view)
+    if not flat:
+        return ""
+    lines = [f"- `{entry['key']}`: dev {entry['task_metric']} {_number_text(entry['dev_score'])} at all "
+             f"{entry['evaluations']} evaluations, {_number_text(entry['epochs_trained'], 0)} epochs trained; "
+             f"test {_number_text(entry['test_score'])}" for entry in flat]
+    return (f"\n\n**Cells that never improved on dev** ({len(flat)}): their dev score did not move at any "
+            "evaluation, so the model did not learn the task in the epochs it ran (early stopping ends such a cell "
+            "after patience + 1 epochs); means that include them measure that, not what the method reaches when it "
+            "trains longer.\n\n" + "\n".join(lines))
 
 
 def _unfinished(output_dir: Path, cell: Cell) -> str:
