@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_cli import PNG_SIGNATURE, save_relation_slice, save_tiny_backbone
 from test_methods import save_wnut17_slice
 
@@ -232,7 +233,7 @@ def test_a_cell_without_cell_json_is_redone(grid_run, capsys):
     assert not (folder / "half-written.bin").exists()
 
 
-def test_report_rebuilds_tables_and_figures_from_the_folders_alone(grid_run, tmp_path):
+def test_report_rebuilds_tables_and_figures_from_the_folders_alone(grid_run, tiny_backbone, tmp_path):
     _, output_dir = grid_run
     moved = tmp_path / "copied-results"
     shutil.copytree(output_dir, moved)  # no report, no data, nothing but the run folders
@@ -261,6 +262,10 @@ def test_report_rebuilds_tables_and_figures_from_the_folders_alone(grid_run, tmp
             assert row[0] == "| LoRA" or float(row[2]) > UMEMAConfig.min_temperature
     assert "peft-umema reproduce --study ablation calibration" in markdown  # the exact command
     assert "wall" in markdown
+    (hardware,) = [line for line in markdown.splitlines() if line.startswith("Where the cells ran: ")]
+    machine = (f"GPU ({torch.cuda.get_device_name()})" if torch.cuda.is_available()
+               else f"CPU only ({os.cpu_count()} cores, no accelerator)")
+    assert hardware == f"Where the cells ran: {tiny_backbone}: {len(rp.all_records(moved))} cells on {machine}."
 
     for study in ("tune", "ablation", "calibration"):
         document = json.loads((protocol_dir / f"{study}.json").read_text())
@@ -282,6 +287,19 @@ def test_report_rebuilds_tables_and_figures_from_the_folders_alone(grid_run, tmp
     for name in figures:
         assert (report_dir / "figures" / name).read_bytes().startswith(PNG_SIGNATURE)
         assert f"figures/{name}" in markdown
+
+
+def test_main_study_reuses_the_ablation_cells_and_says_what_stands_for_split_and_federated_lora(
+        grid_run, tiny_backbone, relations, tweets, tmp_path, capsys):
+    _, grid_dir = grid_run
+    output_dir = tmp_path / "grid"
+    shutil.copytree(grid_dir, output_dir)
+    before = finished_cells(output_dir)
+    assert main(grid_command(tiny_backbone, [relations, tweets], output_dir, "--study", "main", "--methods", "lora",
+                             "umema", "--seeds", "0", "1", "--tune-lrs", "1e-3", "5e-3")) == 0
+    assert finished_cells(output_dir) == before  # LoRA and UMEMA main cells are the ablation's cells
+    main_section = (output_dir / "report" / "results.md").read_text().split("## Main results (`main`)")[1]
+    assert "SplitLoRA" in main_section.split("\n## ")[0] and "LoRA row stands for them" in main_section
 
 
 def test_grid_coverage_counts_at_the_learning_rate_most_cells_use():

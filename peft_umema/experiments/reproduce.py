@@ -578,6 +578,7 @@ def run_cell(cell: Cell, output_dir: Path, *, threads: int | None = None, keep_a
             },
             "memory": {
                 "device": "cuda" if cuda else "cpu",
+                "accelerator": torch.cuda.get_device_name() if cuda else None,
                 "peak_bytes": int(torch.cuda.max_memory_allocated()) if cuda else int(peak_rss),
                 "what": "torch.cuda.max_memory_allocated" if cuda else "peak RSS of the cell's process",
                 "rss_at_start_bytes": int(rss_at_start),
@@ -1144,8 +1145,24 @@ def _report_header(records: dict, studies: list[str], output_dir: Path, protocol
         "",
         f"Evaluation splits (examples; sentences for token tasks): {size_text or '-'}.",
         f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items()) or '-'}.",
+        f"Where the cells ran: {_hardware_text(records)}.",
         "",
     ]) + "\n"
+
+
+def _hardware_text(records: dict) -> str:
+    """Per backbone, how many cells ran on which kind of machine (from each cell's own record)."""
+    counts: dict[str, dict[str, int]] = {}
+    for record in records.values():
+        memory, load = record.get("memory", {}), record.get("machine_load", {})
+        if memory.get("device") == "cuda":
+            machine = f"GPU ({memory.get('accelerator') or 'CUDA'})"
+        else:
+            machine = f"CPU only ({load.get('cpus', '?')} cores, no accelerator)"
+        per_backbone = counts.setdefault(record["cell"]["backbone"], {})
+        per_backbone[machine] = per_backbone.get(machine, 0) + 1
+    return "; ".join(f"{backbone}: " + ", ".join(f"{n} cells on {machine}" for machine, n in sorted(machines.items()))
+                     for backbone, machines in sorted(counts.items())) or "-"
 
 
 def _variant_order(variants: Iterable[str]) -> list[str]:
@@ -1257,7 +1274,14 @@ def _coverage_text(view: StudyView) -> str:
 
 def _main_section(view: StudyView, output_dir: Path, figures_dir: Path):
     markdown, summary, figures = _score_section(view, output_dir, figures_dir)
-    return "\n\n".join([markdown, _coverage_text(view)]), summary, figures
+    return "\n\n".join([markdown, _coverage_text(view), _SPLIT_AND_FEDERATED_NOTE]), summary, figures
+
+
+# the paper's split / federated baselines have no single-machine form of their own (see peft_baselines.py)
+_SPLIT_AND_FEDERATED_NOTE = (
+    "SplitLoRA (split learning between a client and a server) and FLoRA (federated LoRA over clients) change where "
+    "LoRA is trained, not what is trained: on one machine with one client both are LoRA on the whole model, so the "
+    "LoRA row stands for them.")
 
 
 def _ablation_section(view: StudyView, output_dir: Path, figures_dir: Path):
