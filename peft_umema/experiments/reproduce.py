@@ -1158,7 +1158,8 @@ def _hardware_text(records: dict) -> str:
         if memory.get("device") == "cuda":
             machine = f"GPU ({memory.get('accelerator') or 'CUDA'})"
         else:
-            machine = f"CPU only ({load.get('cpus', '?')} cores, no accelerator)"
+            cores = f"{load['cpus']} cores" if load.get("cpus") else "core count not recorded"
+            machine = f"CPU only ({cores}, no accelerator)"
         per_backbone = counts.setdefault(record["cell"]["backbone"], {})
         per_backbone[machine] = per_backbone.get(machine, 0) + 1
     return "; ".join(f"{backbone}: " + ", ".join(f"{n} cells on {machine}" for machine, n in sorted(machines.items()))
