@@ -290,7 +290,7 @@ def test_report_rebuilds_tables_and_figures_from_the_folders_alone(grid_run, tin
 
 
 def test_main_study_reuses_the_ablation_cells_and_says_what_stands_for_split_and_federated_lora(
-        grid_run, tiny_backbone, relations, tweets, tmp_path, capsys):
+        grid_run, tiny_backbone, relations, tweets, tmp_path):
     _, grid_dir = grid_run
     output_dir = tmp_path / "grid"
     shutil.copytree(grid_dir, output_dir)

@@ -18,10 +18,8 @@ LISA and MixLoRA are no peft adapters: they train with the same Trainer argument
 as one safetensors file (loaded back strictly onto a freshly loaded backbone) and their options and seed as every
 baseline does, and take options like the uncertainty baselines (`configured_method("lisa", {"active_layers": 4})`).
 
-SplitLoRA (split learning: the client trains the first blocks' LoRA weights, the server the rest, exchanging
-activations) and FLoRA (federated LoRA: clients train LoRA adapters, possibly of different ranks, that the server
-stacks) change where LoRA is trained, not what is trained: on one machine with one client both reduce to LoRA on
-the whole model, so the `lora` method stands for them.
+SplitLoRA and FLoRA have no single-machine form of their own: `SPLIT_AND_FEDERATED_LORA` says why `lora` stands
+for them (the report prints it under the main study).
 """
 
 from __future__ import annotations
@@ -61,6 +59,13 @@ from .methods import (
     register_method,
     trainer_arguments,
 )
+
+
+SPLIT_AND_FEDERATED_LORA = (
+    "SplitLoRA (split learning: a client trains the first blocks' LoRA weights, a server the rest, exchanging "
+    "activations) and FLoRA (federated LoRA: clients train LoRA adapters, possibly of different ranks, that a server "
+    "stacks) change where LoRA is trained, not what is trained: on one machine with one client both are LoRA on the "
+    "whole model, so the LoRA row stands for them.")
 
 
 class AdaLoraBudgetCallback(TrainerCallback):

@@ -1274,15 +1274,10 @@ def _coverage_text(view: StudyView) -> str:
 
 
 def _main_section(view: StudyView, output_dir: Path, figures_dir: Path):
+    from .peft_baselines import SPLIT_AND_FEDERATED_LORA
+
     markdown, summary, figures = _score_section(view, output_dir, figures_dir)
-    return "\n\n".join([markdown, _coverage_text(view), _SPLIT_AND_FEDERATED_NOTE]), summary, figures
-
-
-# the paper's split / federated baselines have no single-machine form of their own (see peft_baselines.py)
-_SPLIT_AND_FEDERATED_NOTE = (
-    "SplitLoRA (split learning between a client and a server) and FLoRA (federated LoRA over clients) change where "
-    "LoRA is trained, not what is trained: on one machine with one client both are LoRA on the whole model, so the "
-    "LoRA row stands for them.")
+    return "\n\n".join([markdown, _coverage_text(view), SPLIT_AND_FEDERATED_LORA]), summary, figures
 
 
 def _ablation_section(view: StudyView, output_dir: Path, figures_dir: Path):
